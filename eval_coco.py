@@ -1,0 +1,78 @@
+"""COCO mAP of a YOLOv6 model (official .pt, our checkpoint, or .onnx on ONNX Runtime) on a COCO-format dataset."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from utils.cli import (ArgumentParser, add_device_argument, args_dict, img_size, positive_int, non_negative_int, resolve_device,
+                       run_cli, unit_interval, write_json)
+from utils.data import CocoDetection
+from utils.errors import InputError
+from utils.evaluate import evaluate
+from utils.runners import create_runner
+
+_logger = logging.getLogger("eval_coco")
+DEFAULT_IMG_SIZE = 640
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", required=True, metavar="FILE",
+                       help="YOLOv6 release .pt, a checkpoint of this toolkit, or an .onnx model")
+    add_device_argument(model)
+    model.add_argument("--half", action="store_true", help="run a PyTorch model in FP16 (CUDA only)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, metavar="JSON", help="COCO annotation file (instances_*.json)")
+    data.add_argument("--images", required=True, metavar="DIR", help="folder with the images the JSON names")
+    data.add_argument("--img-size", type=img_size, default=None, metavar="N",
+                      help=f"letterbox size, a multiple of 32 (default: the ONNX model's fixed size, else "
+                           f"{DEFAULT_IMG_SIZE})")
+    data.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch")
+    data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
+    data.add_argument("--max-images", type=positive_int, default=None, metavar="N",
+                      help="evaluate the first N images only (default: all)")
+    post = parser.add_argument_group("post-processing (YOLOv6's evaluation defaults)")
+    post.add_argument("--conf", type=unit_interval, default=0.03, metavar="T", help="score threshold")
+    post.add_argument("--iou", type=unit_interval, default=0.65, metavar="T", help="NMS IoU threshold")
+    post.add_argument("--max-det", type=positive_int, default=300, metavar="N", help="detections kept per image")
+    out = parser.add_argument_group("output")
+    out.add_argument("--save-json", default=None, metavar="FILE", help="write COCO-format predictions here")
+    out.add_argument("--results", default=None, metavar="FILE", help="write the metrics (and args) as JSON here")
+    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    out.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def choose_img_size(requested: int | None, fixed_hw: tuple[int, int] | None) -> int:
+    """The letterbox size: what the user asked for, which must agree with a model of fixed input size."""
+    if fixed_hw is None:
+        return requested or DEFAULT_IMG_SIZE
+    if fixed_hw[0] != fixed_hw[1]:
+        raise InputError(f"the model takes {fixed_hw[0]}x{fixed_hw[1]} inputs; only square inputs are supported: "
+                         "re-export it with a square --img-size")
+    if requested is not None and requested != fixed_hw[0]:
+        raise InputError(f"the model was exported for {fixed_hw[0]}x{fixed_hw[1]} inputs but --img-size is "
+                         f"{requested}; pass --img-size {fixed_hw[0]} or re-export the model")
+    return fixed_hw[0]
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    runner = create_runner(args.weights, resolve_device(args.device), args.half)
+    size = choose_img_size(args.img_size, runner.input_hw)
+    dataset = CocoDetection(args.data, args.images, img_size=size, max_images=args.max_images)
+    _logger.info("evaluating %s [%s] on %d images at %d px", args.weights, runner.name, len(dataset), size)
+    metrics = evaluate(runner, dataset, batch_size=args.batch_size, workers=args.workers, conf=args.conf,
+                       iou=args.iou, max_det=args.max_det, progress=not args.no_progress, save_json=args.save_json)
+    print(metrics.pop("summary_text"))
+    print(f"mAP@0.5:0.95 {metrics['mAP50_95']:.4f}  mAP@0.5 {metrics['mAP50']:.4f}  images {metrics['images']}  "
+          f"{metrics['images_per_s']:.1f} img/s")
+    results = {"weights": str(args.weights), "backend": runner.name, "img_size": size, **metrics}
+    if args.results:
+        write_json(args.results, {**results, "args": args_dict(args)})
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

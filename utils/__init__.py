@@ -1,0 +1,1 @@
+"""Shared logic: data, post-processing, metrics, runners, export, CLI plumbing."""

@@ -1,0 +1,187 @@
+"""Small pycocotools wrapper: accumulate per-image detections, then compute the 12 COCO bbox metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from utils.errors import InputError
+
+_logger = logging.getLogger(__name__)
+
+# Names of COCOeval.stats, in its order.
+METRIC_NAMES = (
+    "mAP50_95",
+    "mAP50",
+    "mAP75",
+    "mAP_small",
+    "mAP_medium",
+    "mAP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
+
+_ANNOTATION_HINT = "pass the instances_*.json of your dataset"
+
+
+def load_coco(ann_file: str | os.PathLike[str]) -> COCO:
+    """Load a COCO annotation file without pycocotools' prints; InputError when missing or not COCO JSON."""
+    path = Path(ann_file)
+    if not path.is_file():
+        raise InputError(f"COCO annotation file {path} not found; {_ANNOTATION_HINT}")
+    try:
+        with path.open(encoding="utf-8") as f:
+            dataset = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not a COCO annotation JSON: {exc}; {_ANNOTATION_HINT}") from exc
+    problem = _dataset_problem(dataset)
+    if problem:
+        raise InputError(f"{path} is not a COCO annotation JSON: {problem}; {_ANNOTATION_HINT}")
+    coco = COCO()
+    coco.dataset = dataset
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a COCO annotation JSON: bad entry ({exc!r}); {_ANNOTATION_HINT}") from exc
+    _logger.debug("loaded %s: %d images, %d annotations", path, len(coco.imgs), len(coco.anns))
+    return coco
+
+
+def _dataset_problem(dataset: Any) -> str | None:
+    """Why `dataset` is not a usable COCO detection dataset, or None."""
+    if not isinstance(dataset, dict):
+        return f"top level is a {type(dataset).__name__}, expected an object"
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            return f"missing list '{key}'"
+    return None
+
+
+class CocoEvaluator:
+    """Collects detections per image and evaluates them with COCOeval (bbox).
+
+    Args:
+        coco_gt: ground truth, e.g. from `load_coco`.
+        cat_ids: category id of each class index (class index i -> cat_ids[i]).
+    """
+
+    def __init__(self, coco_gt: COCO, cat_ids: list[int]) -> None:
+        if not cat_ids:
+            raise InputError("no category ids given; the class index -> COCO category id mapping must not be empty")
+        unknown = [c for c in cat_ids if c not in coco_gt.cats]
+        if unknown:
+            raise InputError(
+                f"category ids {unknown} are not in the annotation file (it has {sorted(coco_gt.cats)}); "
+                "use the category ids of the dataset being evaluated"
+            )
+        self.coco_gt = coco_gt
+        self.cat_ids = [int(c) for c in cat_ids]
+        self._predictions: list[dict[str, Any]] = []
+        self._image_ids: dict[int, None] = {}  # insertion-ordered set
+
+    @property
+    def predictions(self) -> list[dict[str, Any]]:
+        """COCO result dicts (image_id, category_id, bbox [x, y, w, h], score) collected so far."""
+        return self._predictions
+
+    @property
+    def image_ids(self) -> list[int]:
+        """Ids of the images passed to `update`, in order; only these are evaluated."""
+        return list(self._image_ids)
+
+    def update(self, image_id: int, detections: torch.Tensor) -> None:
+        """Add one image's detections.
+
+        Args:
+            image_id: COCO image id (must be in the ground truth).
+            detections: [n, 6] (x1, y1, x2, y2, score, class_index) in original image pixels; n may be 0.
+        """
+        image_id = int(image_id)
+        if image_id not in self.coco_gt.imgs:
+            raise InputError(f"image id {image_id} is not in the annotation file; evaluate images of that dataset")
+        if detections.ndim != 2 or detections.shape[1] != 6:
+            raise InputError(
+                f"detections of image {image_id} have shape {tuple(detections.shape)}, expected [n, 6] "
+                "(x1, y1, x2, y2, score, class_index)"
+            )
+        self._image_ids[image_id] = None
+        for x1, y1, x2, y2, score, cls in detections.detach().to("cpu", torch.float64).tolist():
+            self._predictions.append(
+                {
+                    "image_id": image_id,
+                    "category_id": self._category_id(cls),
+                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                    "score": round(score, 5),
+                }
+            )
+
+    def _category_id(self, class_index: float) -> int:
+        index = int(class_index)
+        if not 0 <= index < len(self.cat_ids):
+            raise InputError(
+                f"detection class index {index} has no category: the dataset has {len(self.cat_ids)} classes; "
+                "check that the model was trained on this dataset's classes"
+            )
+        return self.cat_ids[index]
+
+    def summarize(self) -> dict[str, Any]:
+        """Run COCOeval on the updated images.
+
+        Returns:
+            The 12 COCO stats by name (see METRIC_NAMES; -1.0 where pycocotools has no ground truth for a metric,
+            all 0.0 when there are no detections) and `summary_text`, the 12-line summary pycocotools prints.
+        """
+        if not self._predictions:
+            # loadRes cannot handle an empty result list; with nothing detected every metric is 0.
+            metrics: dict[str, Any] = {name: 0.0 for name in METRIC_NAMES}
+            metrics["summary_text"] = (
+                f"No detections on the {len(self._image_ids)} evaluated image(s): all COCO metrics are 0."
+            )
+            return metrics
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            # loadRes adds keys to the dicts it gets, so give it copies and keep `predictions` clean.
+            coco_dt = self.coco_gt.loadRes(copy.deepcopy(self._predictions))
+            coco_eval = COCOeval(self.coco_gt, coco_dt, "bbox")
+            coco_eval.params.imgIds = sorted(self._image_ids)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            coco_eval.summarize()
+        _logger.debug("pycocotools: %s", log.getvalue().strip())
+        metrics = {name: float(value) for name, value in zip(METRIC_NAMES, coco_eval.stats)}
+        metrics["summary_text"] = summary.getvalue().rstrip("\n")
+        return metrics
+
+    def save_json(self, path: str | os.PathLike[str]) -> None:
+        """Write the predictions as a COCO results JSON, atomically (temp file in the same folder, then rename)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self._predictions, f)
+            os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; results are meant to be shared
+            os.replace(tmp_name, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        _logger.info("wrote %d predictions to %s", len(self._predictions), target)
