@@ -5,8 +5,18 @@ import argparse
 import logging
 from typing import Any
 
-from utils.cli import (ArgumentParser, add_device_argument, args_dict, img_size, positive_int, non_negative_int, resolve_device,
-                       run_cli, unit_interval, write_json)
+from utils.cli import (
+    ArgumentParser,
+    add_device_argument,
+    args_dict,
+    img_size,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    run_cli,
+    unit_interval,
+    write_json,
+)
 from utils.data import CocoDetection
 from utils.errors import InputError
 from utils.evaluate import evaluate

@@ -29,8 +29,9 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str | Path = "checkpoint") -
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1:3]
-        raise InputError(f"{source}: weights do not fit the {ckpt.config.get('name', 'inferred')} model "
-                         f"({' '.join(s.strip() for s in first)}); the checkpoint is of an unsupported variant") from None
+        detail = " ".join(s.strip() for s in first)
+        raise InputError(f"{source}: weights do not fit the {ckpt.config.get('name', 'inferred')} model ({detail}); "
+                         "the checkpoint is of an unsupported variant") from None
     return model.float().eval()
 
 

@@ -162,12 +162,13 @@ def _infer_block(sd: dict[str, torch.Tensor], classes: dict[str, str]) -> str:
                 "RealVGGBlock": "repopt", "ConvBNSiLU": "conv_silu", "ConvBNReLU": "conv_relu"}
     if stem_class in by_class:
         return by_class[stem_class]
+    # Without class names some blocks share keys; pick the variant YOLOv6 actually ships.
     if "backbone.stem.rbr_dense.conv.weight" in sd:
-        return "qarepvgg" if "backbone.stem.bn.weight" in sd else "repvgg"
+        return "qarepvggv2" if "backbone.stem.bn.weight" in sd else "repvgg"  # v1 QARepVGG has no released files
     if "backbone.stem.conv.weight" in sd:
         return "repopt"
     if "backbone.stem.block.conv.weight" in sd:
-        return "conv_relu"
+        return "conv_silu"  # the l models; ConvBNReLU has the same keys
     raise KeyError("backbone.stem")
 
 
@@ -286,12 +287,19 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, deployed: bool = False,
-                    meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write state_dict + config (+ meta, + extra entries such as quantizer state) atomically; FP32 kept as is."""
+                    meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    half: bool = False) -> Path:
+    """Write state_dict + config (+ meta, + extra entries such as quantizer state) atomically.
+
+    ``half`` stores floating-point tensors as FP16 (half the size; loading converts back to FP32).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "config": model.config, "deployed": deployed,
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    payload = {"format": FORMAT, "config": model.config, "deployed": deployed, "state_dict": state,
+               "meta": meta or {}}
     payload.update(extra or {})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

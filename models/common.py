@@ -82,62 +82,68 @@ class RepVGGBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
         super().__init__()
         if kernel_size != 3:
-            raise ValueError(f"RepVGGBlock needs kernel_size 3, got {kernel_size}")
+            raise ValueError(f"{type(self).__name__} needs kernel_size 3, got {kernel_size}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, 1
         self.nonlinearity = nn.ReLU()
         self.se = nn.Identity()
-        has_identity = in_channels == out_channels and stride == 1
-        self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
+        self.rbr_identity = self._identity_branch(in_channels) if self._has_identity(stride) else None
         self.rbr_dense = ConvModule(in_channels, out_channels, 3, stride, None, padding=1)
-        self.rbr_1x1 = ConvModule(in_channels, out_channels, 1, stride, None, padding=0)
+        self.rbr_1x1 = self._pointwise_branch(in_channels, out_channels, stride)
+
+    def _has_identity(self, stride: int) -> bool:
+        return self.in_channels == self.out_channels and stride == 1
+
+    @staticmethod
+    def _identity_branch(channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels)
+
+    @staticmethod
+    def _pointwise_branch(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return ConvModule(in_channels, out_channels, 1, stride, None, padding=0)
 
     @property
     def deployed(self) -> bool:
         return hasattr(self, "rbr_reparam")
 
+    def _branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rbr_dense(x) + self.rbr_1x1(x)
+        return out if self.rbr_identity is None else out + self.rbr_identity(x)
+
+    def _post(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deployed:
             return self.nonlinearity(self.se(self.rbr_reparam(x)))
-        out = self.rbr_dense(x) + self.rbr_1x1(x)
-        if self.rbr_identity is not None:
-            out = out + self.rbr_identity(x)
-        return self.nonlinearity(self.se(out))
+        return self.nonlinearity(self._post(self.se(self._branch_sum(x))))
 
 
-class QARepVGGBlock(nn.Module):
+class QARepVGGBlock(RepVGGBlock):
     """Quantization-friendly RepVGG (QARepVGG): 3x3 conv-BN + plain 1x1 conv + identity (+ 3x3 avg-pool in v2),
     summed, then a post-BN and ReLU. Deployed: one 3x3 conv with the post-BN folded in."""
 
     use_avg = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
-        super().__init__()
-        if kernel_size != 3:
-            raise ValueError(f"QARepVGGBlock needs kernel_size 3, got {kernel_size}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, 1
-        self.nonlinearity = nn.ReLU()
-        self.se = nn.Identity()
-        has_identity = in_channels == out_channels and stride == 1
-        self.rbr_identity = nn.Identity() if has_identity else None
-        self.rbr_dense = ConvModule(in_channels, out_channels, 3, stride, None, padding=1)
-        self.rbr_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+        super().__init__(in_channels, out_channels, kernel_size, stride)
         self.bn = nn.BatchNorm2d(out_channels)
         if self.use_avg:
-            self.rbr_avg = nn.AvgPool2d(3, stride, 1) if has_identity else None
+            self.rbr_avg = nn.AvgPool2d(3, stride, 1) if self._has_identity(stride) else None
 
-    @property
-    def deployed(self) -> bool:
-        return hasattr(self, "rbr_reparam")
+    @staticmethod
+    def _identity_branch(channels: int) -> nn.Module:
+        return nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.deployed:
-            return self.nonlinearity(self.se(self.rbr_reparam(x)))
-        out = self.rbr_dense(x) + self.rbr_1x1(x)
-        if self.rbr_identity is not None:
-            out = out + self.rbr_identity(x)
-        if self.use_avg and self.rbr_avg is not None:
-            out = out + self.rbr_avg(x)
-        return self.nonlinearity(self.bn(self.se(out)))
+    @staticmethod
+    def _pointwise_branch(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def _branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        out = super()._branch_sum(x)
+        return out + self.rbr_avg(x) if self.use_avg and self.rbr_avg is not None else out
+
+    def _post(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
 
 
 class QARepVGGBlockV2(QARepVGGBlock):

@@ -79,7 +79,8 @@ class Detect(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.constant_(conv.bias, bias)
 
-    def _branches(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _branches(self, x: torch.Tensor, i: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Stem output, class logits, box regression and (distill-ns training only) the DFL distribution."""
         x = self.stems[i](x)
         cls_feat, reg_feat = self.cls_convs[i](x), self.reg_convs[i](x)
@@ -92,7 +93,8 @@ class Detect(nn.Module):
         anchor_points, stride_tensor = make_anchor_points(feats, self.stride)
         cls_list, reg_list = [], []
         for i, feat in enumerate(feats):
-            h, w = int(feat.shape[-2]), int(feat.shape[-1])  # batch stays -1 in reshapes so an ONNX export with dynamic batch needs no Shape ops
+            # H, W as constants and batch as -1: an ONNX export with a dynamic batch then needs no Shape ops
+            h, w = int(feat.shape[-2]), int(feat.shape[-1])
             _, cls_out, reg_out, _ = self._branches(feat, i)
             if self.use_dfl:
                 reg_out = reg_out.reshape(-1, 4, DFL_BINS + 1, h * w).permute(0, 2, 1, 3)

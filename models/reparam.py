@@ -79,7 +79,7 @@ def _qarepvgg_kernel_bias(block: QARepVGGBlock) -> tuple[torch.Tensor, torch.Ten
     return _fold(kernel, bias, block.bn)  # the post-BN folds in too: deployment needs no BN
 
 
-def _deploy_rep_block(block: RepVGGBlock | QARepVGGBlock) -> None:
+def _deploy_rep_block(block: RepVGGBlock) -> None:
     if block.deployed:
         return
     is_qa = isinstance(block, QARepVGGBlock)
@@ -102,7 +102,7 @@ def reparameterize(model: nn.Module) -> nn.Module:
     model.eval()
     with torch.no_grad():
         for m in list(model.modules()):
-            if isinstance(m, (RepVGGBlock, QARepVGGBlock)):
+            if isinstance(m, RepVGGBlock):  # QARepVGGBlock included
                 _deploy_rep_block(m)
         for m in list(model.modules()):
             if isinstance(m, (ConvModule, RealVGGBlock)):

@@ -6,10 +6,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.common import (CSPSPPF, SPPF, Conv, ConvBNSiLU, SimCSPSPPF, SimSPPF, SimSPPFv2, get_block)
+from models.common import CSPSPPF, SPPF, Conv, ConvBNSiLU, SimCSPSPPF, SimSPPF, SimSPPFv2, get_block
 from models.config import resolve_config, validate_config
-from models.effidehead import Detect
 from models.efficientrep import CSPBepBackbone, EfficientRep
+from models.effidehead import Detect
 from models.reppan import CSPRepBiFPANNeck, RepBiFPANNeck, RepPANNeck
 
 BACKBONES = {"EfficientRep": EfficientRep, "CSPBepBackbone": CSPBepBackbone}

@@ -99,7 +99,8 @@ def test_pt_and_onnx_give_the_same_map(checkpoint, synthetic, tmp_path, capsys):
                                                      "--save-json", str(tmp_path / "onnx.json"))))
     assert pt["mAP50_95"] > 0  # the perturbed head really detects something, so the comparison means something
     assert abs(pt["mAP50_95"] - ox["mAP50_95"]) <= 0.002 and abs(pt["mAP50"] - ox["mAP50"]) <= 0.002
-    pt_dets, onnx_dets = json.loads((tmp_path / "pt.json").read_text()), json.loads((tmp_path / "onnx.json").read_text())
+    pt_dets = json.loads((tmp_path / "pt.json").read_text())
+    onnx_dets = json.loads((tmp_path / "onnx.json").read_text())
     assert abs(len(pt_dets) - len(onnx_dets)) <= max(2, len(pt_dets) // 100)
     saved = json.loads((tmp_path / "pt_results.json").read_text())
     for key in ("mAP50", "mAP50_95", "images", "seconds", "images_per_s"):

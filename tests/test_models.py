@@ -19,13 +19,7 @@ OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / 
 STRIDES = (8, 16, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions are far slower with 2 OpenMP threads on a busy 2-core runner; results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _num_anchors(h: int, w: int) -> int:

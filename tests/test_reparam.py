@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from models import build_model, is_deployed, load_config, reparameterize
-from models.common import (BepC3, ConvModule, QARepVGGBlock, QARepVGGBlockV2, RealVGGBlock, RepVGGBlock)
+from models.common import BepC3, ConvModule, QARepVGGBlock, QARepVGGBlockV2, RealVGGBlock, RepVGGBlock
 from models.config import available_configs, with_overrides
 from models.reparam import fuse_conv_bn
 
@@ -17,13 +17,7 @@ OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / 
 MULTI_BRANCH = ("rbr_dense", "rbr_1x1", "rbr_identity", "rbr_avg")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions are far slower with 2 OpenMP threads on a busy 2-core runner; results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:

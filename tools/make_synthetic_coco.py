@@ -14,44 +14,24 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from utils.errors import InputError  # noqa: E402
+from utils.cli import ArgumentParser, img_size, non_negative_int, run_cli  # noqa: E402
 from utils.synthetic import generate_synthetic_coco  # noqa: E402
 
 _logger = logging.getLogger(__name__)
 
 
-def _img_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 64 or value % 32:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 32 and at least 64, got {value}: try 320")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", metavar="DIR", required=True,
                         help="output folder; gets images/{train,val}/ and annotations/instances_{train,val}.json")
-    parser.add_argument("--train", metavar="N", type=_non_negative, default=200,
-                        help="number of training images (default: 200)")
-    parser.add_argument("--val", metavar="M", type=_non_negative, default=50,
-                        help="number of validation images (default: 50)")
-    parser.add_argument("--img-size", metavar="PX", type=_img_size, default=320,
-                        help="long side of the images in pixels, a multiple of 32 (default: 320)")
-    parser.add_argument("--seed", metavar="S", type=_non_negative, default=0,
-                        help="random seed; the same seed gives identical files (default: 0)")
+    parser.add_argument("--train", metavar="N", type=non_negative_int, default=200,
+                        help="number of training images")
+    parser.add_argument("--val", metavar="M", type=non_negative_int, default=50,
+                        help="number of validation images")
+    parser.add_argument("--img-size", metavar="PX", type=img_size, default=320,
+                        help="long side of the images in pixels, a multiple of 32")
+    parser.add_argument("--seed", metavar="S", type=non_negative_int, default=0,
+                        help="random seed; the same seed gives identical files")
     return parser
 
 
@@ -67,9 +47,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(get_args_parser().parse_args())
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_args_parser().parse_args())

@@ -211,6 +211,17 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def image_path(self, index: int) -> Path:
+        return self.img_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
+
+    def original_targets(self, index: int) -> np.ndarray:
+        """[n,5] (class_index, x1, y1, x2, y2) in original image pixels (a copy)."""
+        return self._targets[self.image_ids[index]].copy()
+
+    def num_annotations(self) -> int:
+        """Usable (non-crowd, non-empty) boxes over the served images."""
+        return sum(len(t) for t in self._targets.values())
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         img_id = self.image_ids[index]
         info = self.coco.imgs[img_id]
