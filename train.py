@@ -83,7 +83,13 @@ def build_train_model(args: argparse.Namespace, class_names: list[str]) -> torch
     config = with_overrides(config, num_classes=len(class_names), names=class_names)
     model = build_model(config)
     if args.weights:
-        model.load_state_dict(ckpt.state_dict, strict=config["num_classes"] == ckpt.config["num_classes"])
+        own = model.state_dict()
+        # A checkpoint for other classes still gives the backbone, neck and box branches; class layers start fresh.
+        fitting = {k: v for k, v in ckpt.state_dict.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(fitting, strict=False)
+        skipped = sorted(set(own) - set(fitting))
+        if skipped:
+            _logger.info("--weights: %d tensors of other shapes start fresh (e.g. %s)", len(skipped), skipped[0])
     return model
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from models import build_model, load_config
+from models import build_model, load_config, save_checkpoint
 from models.config import with_overrides
 from utils.cli import run_cli
 from utils.data import CocoDetection, collate_detection
@@ -228,3 +228,15 @@ def test_mosaic_sample_keeps_every_label_inside(tiny_data):
         for i in range(len(base)):
             t = dataset[i]["targets"].numpy()
             assert np.all(t[:, 1:] >= 0) and np.all(t[:, 1:] <= 64)
+
+
+def test_weights_of_another_class_count_seed_everything_but_the_class_layers(tmp_path):
+    torch.manual_seed(1)
+    source = build_model(load_config("yolov6n"))  # 80 classes
+    weights = save_checkpoint(tmp_path / "coco.pt", source)
+    args = train.get_args_parser().parse_args(["--data", "d", "--images", "i", "--val-data", "v", "--val-images", "w",
+                                               "--weights", str(weights)])
+    model = train.build_train_model(args, [f"c{i}" for i in range(6)])
+    assert model.detect.cls_preds[0].weight.shape[0] == 6 and model.config["names"][5] == "c5"
+    assert torch.equal(model.backbone.stem.rbr_dense.conv.weight, source.backbone.stem.rbr_dense.conv.weight)
+    assert torch.equal(model.detect.reg_preds[2].bias, source.detect.reg_preds[2].bias)
