@@ -10,10 +10,8 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import logging
-import os
 import pickle
 import re
-import tempfile
 import types
 import zipfile
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ import torch
 
 from models.config import DEFAULT_CONFIG_DIR, available_configs, load_config, resolve_config
 from utils.errors import InputError
+from utils.fileio import atomic_output
 
 _logger = logging.getLogger(__name__)
 
@@ -301,12 +300,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, deployed: bool = F
     payload = {"format": FORMAT, "config": model.config, "deployed": deployed, "state_dict": state,
                "meta": meta or {}}
     payload.update(extra or {})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

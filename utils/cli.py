@@ -4,15 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from utils.errors import InputError
+from utils.fileio import atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -119,21 +118,6 @@ def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 
 # ------------------------------------------------------------------------------------------------ result files
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)

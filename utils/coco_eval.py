@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.errors import InputError
+from utils.fileio import atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -172,16 +172,5 @@ class CocoEvaluator:
 
     def save_json(self, path: str | os.PathLike[str]) -> None:
         """Write the predictions as a COCO results JSON, atomically (temp file in the same folder, then rename)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self._predictions, f)
-            os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; results are meant to be shared
-            os.replace(tmp_name, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        _logger.info("wrote %d predictions to %s", len(self._predictions), target)
+        atomic_write_text(path, json.dumps(self._predictions))
+        _logger.info("wrote %d predictions to %s", len(self._predictions), path)

@@ -17,6 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 from utils.coco_eval import load_coco
 from utils.errors import InputError
 
+# OpenCV's own thread pool does not survive fork(): once it has run in a process, DataLoader workers forked from it
+# can hang in their first cv2 call. Sequential OpenCV (parallelism comes from the workers) avoids that.
+cv2.setNumThreads(0)
+
 _logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -282,11 +286,6 @@ def collate_detection(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _worker_init(worker_id: int) -> None:
-    # One OpenCV thread per worker: the workers already run in parallel, more threads only oversubscribe the CPU.
-    cv2.setNumThreads(1)
-
-
 def create_dataloader(
     dataset: Dataset, batch_size: int, workers: int = 2, shuffle: bool = False, seed: int = 0, pin_memory: bool = False
 ) -> DataLoader:
@@ -306,6 +305,5 @@ def create_dataloader(
         pin_memory=pin_memory,
         drop_last=False,
         generator=generator,
-        worker_init_fn=_worker_init if workers > 0 else None,
         persistent_workers=False,
     )

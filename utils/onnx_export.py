@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from utils.errors import InputError
+from utils.fileio import atomic_output
 
 _logger = logging.getLogger(__name__)
 
@@ -42,22 +41,14 @@ def export_onnx(model: torch.nn.Module, path: str | Path, img_size: int | tuple[
     device = next(model.parameters()).device
     dummy = torch.zeros(batch_size, 3, h, w, device=device)
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.onnx")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values are expected here
-            torch.onnx.export(model.eval(), (dummy,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
-                              do_constant_folding=True)
+    with atomic_output(path, suffix=".tmp.onnx") as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values are expected here
+        torch.onnx.export(model.eval(), (dummy,), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
+                          do_constant_folding=True)
         if simplify:
             _simplify(tmp)
         onnx.checker.check_model(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     _logger.info("exported %s (opset %d, %s batch)", path, opset, "dynamic" if dynamic_batch else batch_size)
     return path
 

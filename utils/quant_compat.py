@@ -40,11 +40,11 @@ def _import_library() -> None:
 _import_library()
 
 # Everything below comes from the (now imported) library; utils.quantization takes these names from here.
-from pytorch_quantization import calib
-from pytorch_quantization import nn as quant_nn
-from pytorch_quantization.calib import histogram
-from pytorch_quantization.nn import TensorQuantizer
-from pytorch_quantization.tensor_quant import QuantDescriptor, fake_tensor_quant
+from pytorch_quantization import calib  # noqa: E402
+from pytorch_quantization import nn as quant_nn  # noqa: E402
+from pytorch_quantization.calib import histogram  # noqa: E402
+from pytorch_quantization.nn import TensorQuantizer  # noqa: E402
+from pytorch_quantization.tensor_quant import QuantDescriptor, fake_tensor_quant  # noqa: E402
 
 __all__ = ["QuantDescriptor", "TensorQuantizer", "calib", "compute_amax_mse", "device_safe", "histogram", "quant_nn",
            "quiet_library_logs"]

@@ -23,6 +23,8 @@ from utils.errors import InputError
 
 _logger = logging.getLogger(__name__)
 
+cv2.setNumThreads(0)  # sequential OpenCV: its thread pool would not survive the fork of later DataLoader workers
+
 # Non-contiguous on purpose, like COCO's 1..90, so the category id <-> class index mapping is exercised.
 CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
