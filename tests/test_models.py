@@ -29,7 +29,7 @@ def _num_anchors(h: int, w: int) -> int:
 def _keys_json(name: str) -> dict:
     path = OFFICIAL / f"{name}.keys.json"
     if not path.is_file():
-        pytest.skip(f"shared YOLOv6 fixtures not found at {OFFICIAL}")
+        pytest.fail(f"shared YOLOv6 fixtures not found at {OFFICIAL}: clone the repo with ../shared beside it")
     return json.loads(path.read_text())
 
 

@@ -201,7 +201,7 @@ def test_whole_model_deploy_is_exact_in_float64(name):
 def _official_deploy_keys(fixture: str) -> list[tuple[str, tuple[int, ...]]]:
     path = OFFICIAL / f"{fixture}.keys.json"
     if not path.is_file():
-        pytest.skip(f"shared YOLOv6 fixtures not found at {OFFICIAL}")
+        pytest.fail(f"shared YOLOv6 fixtures not found at {OFFICIAL}: clone the repo with ../shared beside it")
     entries = json.loads(path.read_text())["deploy_state_dict_after_fuse_and_switch_to_deploy"]
     return [(e["key"], tuple(e["shape"])) for e in entries]
 

@@ -1,7 +1,7 @@
-"""Device-correct stand-ins for the two places where pytorch-quantization 2.1.3 calls ``.cuda()`` unconditionally.
+"""Device-correct stand-ins for the two places where pytorch-quantization 2.1.3 calls ``Tensor.cuda`` unconditionally.
 
 1. ``calib.histogram._compute_amax_mse`` (the ``mse`` histogram method) moves the histogram to CUDA.
-2. ``TensorQuantizer._load_from_state_dict`` creates a missing ``_amax`` buffer with ``.cuda()``, so loading a
+2. ``TensorQuantizer._load_from_state_dict`` creates a missing ``_amax`` buffer on CUDA unconditionally, so loading a
    calibrated state_dict into a freshly quantized (uncalibrated) model fails without a GPU.
 
 ``device_safe()`` swaps in the replacements below for the duration of a ``with`` block and restores the originals in
@@ -94,7 +94,7 @@ def _amax_loader(original: Any, device: torch.device | None) -> Any:
 
 @contextlib.contextmanager
 def device_safe(device: str | torch.device | None = None) -> Iterator[None]:
-    """Within the block, 2.1.3's ``mse`` amax search and ``_amax`` state loading make no ``.cuda()`` call.
+    """Within the block, 2.1.3's ``mse`` amax search and ``_amax`` state loading never move tensors to CUDA.
 
     Args:
         device: where a loaded ``_amax`` that did not exist yet is created; None puts it on the saved tensor's device.
