@@ -1,0 +1,169 @@
+"""Per-layer INT8 sensitivity of a YOLOv6 model: quantize each layer alone and rank the layers (most sensitive first).
+
+--method map measures COCO mAP on --data/--images (YOLOv6's tools/partial_quantization); sqnr / cosine / mse are
+label-free proxies on the calibration images (see utils/sensitivity.py). Progress is saved after every layer:
+--resume continues an interrupted run, --shard K/N splits the layers over N processes and --merge joins them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models import model_from_checkpoint, read_checkpoint, reparameterize
+from utils import quantization as quant
+from utils import sensitivity as sens
+from utils.cli import (
+    ArgumentParser,
+    add_device_argument,
+    args_dict,
+    img_size,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    run_cli,
+)
+from utils.data import CocoDetection
+from utils.errors import InputError
+
+_logger = logging.getLogger("sensitivity_analyse")
+DEFAULT_PROXY = "sqnr"  # the method without --data: label-free, the best agreement with map in the benchmark
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return sens.parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", required=True, metavar="FILE", help="YOLOv6 release .pt or our checkpoint")
+    model.add_argument("--calib-weights", default=None, metavar="FILE",
+                       help="reuse a calibrated checkpoint (e.g. <output>/calibrated.pt) instead of calibrating")
+    add_device_argument(model)
+    model.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+    cal = parser.add_argument_group("calibration (first batch-size x batch-number images of --data-root, sorted)")
+    cal.add_argument("--data-root", default=None, metavar="DIR", help="calibration image folder (searched recursively)")
+    cal.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch")
+    cal.add_argument("--batch-number", type=positive_int, default=4, metavar="N", help="calibration batches")
+    cal.add_argument("--calib-method", choices=quant.METHODS, default=None,
+                     help="input amax calibration (default: max, or the method of --calib-weights)")
+    cal.add_argument("--percentile", type=float, default=99.99, metavar="P", help="for --calib-method percentile")
+    cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size, a multiple of 32")
+    cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
+    ana = parser.add_argument_group("analysis")
+    ana.add_argument("--method", choices=sens.METHODS, default=None,
+                     help=f"map: COCO mAP per layer (needs --data/--images); sqnr/cosine/mse: label-free proxies on "
+                          f"the calibration images (default: map with --data, else {DEFAULT_PROXY})")
+    ana.add_argument("--data", default=None, metavar="JSON", help="COCO annotation file for --method map")
+    ana.add_argument("--images", default=None, metavar="DIR", help="images of --data")
+    ana.add_argument("--max-images", type=positive_int, default=None, metavar="N",
+                     help="evaluate --method map on the first N images (default: all)")
+    ana.add_argument("--proxy-images", type=positive_int, default=32, metavar="N",
+                     help="calibration images the proxies compare outputs on")
+    ana.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
+                     help="analyse only layers matching these names or globs, e.g. 'detect.*' (default: all)")
+    ana.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                     help="analyse layers K, K+N, K+2N, ... (0-based) with its own progress file")
+    ana.add_argument("--merge", action="store_true", help="join the finished --shard progress files into the ranking")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", default=None, metavar="DIR",
+                     help="output folder (default: runs/sensitivity/<weights stem>)")
+    out.add_argument("--resume", action="store_true", help="continue the progress file of an interrupted run")
+    out.add_argument("--overwrite", action="store_true", help="discard an existing progress file and start over")
+    out.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    out.add_argument("--verbose", action="store_true", help="debug logging, one line per layer")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Option combinations argparse cannot check (InputError names the fix); sets the default --method."""
+    if args.method is None:
+        args.method = "map" if args.data else DEFAULT_PROXY
+        if not args.data and not args.merge:
+            _logger.info("no --data: ranking with the label-free %s proxy (pass --data/--images for mAP)",
+                         args.method)
+    if args.resume and args.overwrite:
+        raise InputError("--resume and --overwrite contradict each other: pass one")
+    if args.merge and args.shard is not None:
+        raise InputError("--merge joins all shards: drop --shard")
+    if args.merge:
+        return
+    if args.method == "map" and not (args.data and args.images):
+        raise InputError("--method map needs the evaluation set: pass --data JSON and --images DIR")
+    if not args.data_root and (not args.calib_weights or args.method != "map"):
+        raise InputError(f"pass --data-root DIR with calibration images (needed to "
+                         f"{'calibrate' if not args.calib_weights else 'compute the ' + args.method + ' proxy'})")
+
+
+def _probe(args: argparse.Namespace, qmodel: torch.nn.Module, layers: list[str],
+           device: torch.device) -> tuple[Any, dict[str, Any]]:
+    if args.method == "map":
+        dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
+        data = {"annotations_sha256": sens.file_sha256(args.data), "max_images": args.max_images,
+                "images": len(dataset)}
+        return sens.MapProbe(qmodel, dataset, args.batch_size, args.workers, device), data
+    batches, dataset = sens.proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
+                                         args.workers)
+    data = {"images_sha256": sens.images_sha256(dataset), "images": len(dataset)}
+    return sens.ProxyProbe(qmodel, batches, args.method, device, layers=layers), data
+
+
+def _finish(args: argparse.Namespace, output: Path, header: dict, records: dict, baselines: dict,
+            start: float) -> dict[str, Any]:
+    report = sens.build_report(header, records, baselines, args_dict(args))
+    paths = sens.write_reports(output, report)
+    print(sens.format_table(report))
+    first = min(report["layers"], key=lambda r: r["rank"])["name"]
+    flat = {f"{name}_{col}": v for name, values in baselines.items() for col, v in values.items()}
+    return {"method": args.method, "layers": len(records), "most_sensitive": first, **flat,
+            **{kind: str(p) for kind, p in paths.items()}, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    start = time.perf_counter()
+    check_args(args)
+    output = Path(args.output or Path("runs", "sensitivity", Path(args.weights).stem))
+    ckpt = read_checkpoint(args.weights)
+    model_id = {"sha256": sens.file_sha256(args.weights), "config": ckpt.config.get("name")}
+    if args.merge:
+        return _finish(args, output, *sens.merge_shards(output, args.method, model=model_id), start)
+    progress_file = sens.progress_path(output, args.method, args.shard)
+    sens.check_progress(progress_file, model_id, args.method, args.resume, args.overwrite)  # before the slow part
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    loader = None if args.calib_weights else sens.calibration_loader(
+        args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
+    model = reparameterize(model_from_checkpoint(ckpt, args.weights))
+    qmodel, calib = sens.calibrated_model(model, calib_weights=args.calib_weights, loader=loader,
+                                          batch_number=args.batch_number, calib_method=args.calib_method,
+                                          percentile=args.percentile, device=device)
+    layers = sens.select_layers(qmodel, args.layers)
+    probe, data = _probe(args, qmodel, layers, device)
+    header = sens.make_header(model=model_id, method=args.method, calibration=calib, img_size=args.img_size,
+                              data=data, layer_info=[i for i in quant.layer_info(qmodel) if i["name"] in layers],
+                              shard=args.shard)
+    progress = sens.ProgressFile(progress_file, header, resume=args.resume, overwrite=args.overwrite)
+    if not args.calib_weights:  # after the progress check: never replace the calibration of another analysis
+        saved = quant.save_calibrated(output / "calibrated.pt", qmodel, meta={"weights": str(args.weights)})
+        _logger.info("calibrated checkpoint: %s (pass it as --calib-weights to skip calibration)", saved)
+    records = sens.analyse(probe, sens.shard_layers(layers, args.shard), progress, method=args.method,
+                           baselines=args.shard is None or args.shard[0] == 0, on_layer=on_layer,
+                           show_progress=not args.no_progress)
+    if args.shard is not None:
+        _logger.info("shard %d/%d done (%d layers) in %s; when every shard is done run --merge", *args.shard,
+                     len(records), progress_file)
+        return {"method": args.method, "shard": "%d/%d" % args.shard, "layers": len(records),
+                "progress": str(progress_file), "seconds": round(time.perf_counter() - start, 2)}
+    return _finish(args, output, header, records, progress.baselines, start)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
