@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: venv demo test train-demo clean-demo help
 
 help:
-	@echo "make demo   - create $(VENV), install, run the pipeline on synthetic demo data (writes $(DEMO_DIR)/)"
+	@echo "make demo   - create $(VENV), install, run the partial-quantization pipeline on the bundled model (writes $(DEMO_DIR)/)"
 	@echo "make test   - create $(VENV), install, run the test suite"
 	@echo "make train-demo - retrain the bundled demo detector (~40 min on 2 CPU cores)"
 
@@ -28,16 +28,25 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+DEMO_CALIB ?= 64
+DEMO_TARGET_DROP ?= 0.001
+
+# The whole pipeline on the bundled model (~5-8 min on 2 cores): data -> calibrate + sensitivity (sqnr proxy) ->
+# partial quantization (--target-drop) -> verified Q/DQ ONNX -> ONNX Runtime mAP -> $(DEMO_DIR)/summary.json.
 demo: venv
-	$(PY) tools/make_synthetic_coco.py --out $(DEMO_DATA) --train 0 --val $(DEMO_VAL) --img-size $(DEMO_IMG_SIZE) \
+	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.started
+	$(PY) tools/make_synthetic_coco.py --out $(DEMO_DATA) --train $(DEMO_CALIB) --val $(DEMO_VAL) \
+		--img-size $(DEMO_IMG_SIZE) --seed $(DEMO_SEED)
+	$(PY) sensitivity_analyse.py --weights $(DEMO_WEIGHTS) --method sqnr --data-root $(DEMO_DATA)/images/train \
+		--batch-size 16 --batch-number 4 --img-size $(DEMO_IMG_SIZE) --output $(DEMO_DIR)/sensitivity --overwrite \
 		--seed $(DEMO_SEED)
-	$(PY) eval_coco.py --weights $(DEMO_WEIGHTS) --data $(DEMO_DATA)/annotations/instances_val.json \
-		--images $(DEMO_DATA)/images/val --img-size $(DEMO_IMG_SIZE) --results $(DEMO_DIR)/eval_pt.json
-	$(PY) export_onnx.py --weights $(DEMO_WEIGHTS) --output $(DEMO_DIR)/model_fp32.onnx --img-size $(DEMO_IMG_SIZE) \
-		--dynamic-batch --verify-images $(DEMO_DATA)/images/val --overwrite
-	$(PY) eval_coco.py --weights $(DEMO_DIR)/model_fp32.onnx --data $(DEMO_DATA)/annotations/instances_val.json \
-		--images $(DEMO_DATA)/images/val --img-size $(DEMO_IMG_SIZE) --results $(DEMO_DIR)/eval_onnx.json
-	@echo "demo done: results in $(DEMO_DIR)/ (eval_pt.json, eval_onnx.json)"
+	$(PY) partial_quant.py --weights $(DEMO_WEIGHTS) --calib-weights $(DEMO_DIR)/sensitivity/calibrated.pt \
+		--sensitivity-file $(DEMO_DIR)/sensitivity/sensitivity_sqnr.json --target-drop $(DEMO_TARGET_DROP) \
+		--data $(DEMO_DATA)/annotations/instances_val.json --images $(DEMO_DATA)/images/val \
+		--img-size $(DEMO_IMG_SIZE) --batch-size 16 --eval-onnx --output-dir $(DEMO_DIR) --overwrite
+	$(PY) tools/demo_summary.py --partial-report $(DEMO_DIR)/partial_quant.json \
+		--started-at $$(cat $(DEMO_DIR)/.started) --output $(DEMO_DIR)/summary.json
+	@rm -f $(DEMO_DIR)/.started
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

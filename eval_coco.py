@@ -1,8 +1,10 @@
-"""COCO mAP of a YOLOv6 model (official .pt, our checkpoint, or .onnx on ONNX Runtime) on a COCO-format dataset."""
+"""COCO mAP of a YOLOv6 model (official .pt, our checkpoint, .onnx on ONNX Runtime or a TensorRT engine) on a
+COCO-format dataset."""
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from utils.cli import (
@@ -20,7 +22,7 @@ from utils.cli import (
 from utils.data import CocoDetection
 from utils.errors import InputError
 from utils.evaluate import evaluate
-from utils.runners import create_runner
+from utils.runners import ENGINE_SUFFIXES, create_runner
 
 _logger = logging.getLogger("eval_coco")
 DEFAULT_IMG_SIZE = 640
@@ -30,15 +32,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     model = parser.add_argument_group("model")
     model.add_argument("--weights", required=True, metavar="FILE",
-                       help="YOLOv6 release .pt, a checkpoint of this toolkit, or an .onnx model")
+                       help="YOLOv6 release .pt, a checkpoint of this toolkit, an .onnx model, or a TensorRT "
+                            ".engine/.trt/.plan (needs --device cuda:N and requirements-trt.txt)")
     add_device_argument(model)
-    model.add_argument("--half", action="store_true", help="run a PyTorch model in FP16 (CUDA only)")
+    model.add_argument("--half", action="store_true", help="run a PyTorch model in FP16 (CUDA only; an engine "
+                       "runs in the precision it was built with)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, metavar="JSON", help="COCO annotation file (instances_*.json)")
     data.add_argument("--images", required=True, metavar="DIR", help="folder with the images the JSON names")
     data.add_argument("--img-size", type=img_size, default=None, metavar="N",
-                      help=f"letterbox size, a multiple of 32 (default: the ONNX model's fixed size, else "
-                           f"{DEFAULT_IMG_SIZE})")
+                      help=f"letterbox size, a multiple of 32 (default: the ONNX model's or engine's fixed size, "
+                           f"else {DEFAULT_IMG_SIZE})")
     data.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch")
     data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     data.add_argument("--max-images", type=positive_int, default=None, metavar="N",
@@ -61,15 +65,18 @@ def choose_img_size(requested: int | None, fixed_hw: tuple[int, int] | None) -> 
         return requested or DEFAULT_IMG_SIZE
     if fixed_hw[0] != fixed_hw[1]:
         raise InputError(f"the model takes {fixed_hw[0]}x{fixed_hw[1]} inputs; only square inputs are supported: "
-                         "re-export it with a square --img-size")
+                         "re-export (and rebuild) it with a square --img-size")
     if requested is not None and requested != fixed_hw[0]:
         raise InputError(f"the model was exported for {fixed_hw[0]}x{fixed_hw[1]} inputs but --img-size is "
-                         f"{requested}; pass --img-size {fixed_hw[0]} or re-export the model")
+                         f"{requested}; pass --img-size {fixed_hw[0]} or re-export (and rebuild) the model for "
+                         f"{requested}")
     return fixed_hw[0]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    runner = create_runner(args.weights, resolve_device(args.device), args.half)
+    # an engine checks its device itself: it needs CUDA, where resolve_device's advice would be --device cpu
+    engine = Path(args.weights).suffix.lower() in ENGINE_SUFFIXES
+    runner = create_runner(args.weights, args.device if engine else resolve_device(args.device), args.half)
     size = choose_img_size(args.img_size, runner.input_hw)
     dataset = CocoDetection(args.data, args.images, img_size=size, max_images=args.max_images)
     _logger.info("evaluating %s [%s] on %d images at %d px", args.weights, runner.name, len(dataset), size)

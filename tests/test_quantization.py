@@ -96,7 +96,7 @@ def test_quantize_model_swaps_layers_of_a_copy(yolov6n):
     for name, layer in quant.quant_layers(qmodel).items():
         assert layer.input_quantizer.axis is None, name
         if isinstance(layer, quant.quant_nn.QuantConvTranspose2d):
-            assert layer.weight_quantizer.axis == (1,), name
+            assert layer.weight_quantizer.axis == (0,), name  # TensorRT's deconvolution axis
         elif isinstance(layer, quant.quant_nn.QuantConv2d):
             assert layer.weight_quantizer.axis == (0,), name
 
@@ -178,8 +178,8 @@ def test_weight_amax_is_max_abs_per_output_channel():
     quant.calibrate(qmodel, [images(1, size=16)], num_batches=1)
     conv_w, up_w = qmodel.grouped.weight.detach(), qmodel.up.weight.detach()
     assert torch.equal(amax_of(qmodel, "grouped._weight_quantizer"), conv_w.abs().amax(dim=(1, 2, 3)).view(-1, 1, 1, 1))
-    # ConvTranspose2d weights are [in, out/groups, kh, kw]: output channels on axis 1
-    assert torch.equal(amax_of(qmodel, "up._weight_quantizer"), up_w.abs().amax(dim=(0, 2, 3)).view(1, -1, 1, 1))
+    # ConvTranspose2d weights are [in, out/groups, kh, kw]; TensorRT wants their scales per input channel (axis 0)
+    assert torch.equal(amax_of(qmodel, "up._weight_quantizer"), up_w.abs().amax(dim=(1, 2, 3)).view(-1, 1, 1, 1))
 
 
 def test_max_input_amax_is_the_largest_activation_seen():
@@ -468,7 +468,7 @@ def test_qdq_onnx_export_matches_pytorch(calibrated, tmp_path):
     deconv = next(n for n in graph.graph.node if n.op_type == "ConvTranspose")
     weight_dq = _producer(graph.graph, deconv.input[1])
     assert weight_dq.op_type == "DequantizeLinear"
-    assert {a.name: a.i for a in weight_dq.attribute}.get("axis") == 1
+    assert {a.name: a.i for a in weight_dq.attribute}.get("axis", 1) == 0
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -4,7 +4,6 @@ SIGKILL, determinism, shards + merge, and one-line errors for bad input. CPU, 64
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -33,22 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 LAYERS = ["backbone.ERBlock_2.0.rbr_reparam", "neck.Rep_p3.block.0.rbr_reparam", "detect.cls_preds.0",
           "detect.reg_preds.1"]
-
-
-def _open_handlers(handlers: list[logging.Handler]) -> list[logging.Handler]:
-    return [h for h in handlers if not getattr(getattr(h, "stream", None), "closed", False)]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """run_cli points the root logger at the running test's captured stderr, closed after that test: drop such
-    handlers (left by this or other test modules) before each test and restore the root logger afterwards."""
-    root = logging.getLogger()
-    root.handlers[:] = _open_handlers(root.handlers)
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from utils.errors import InputError
+
 FILE_MODE = 0o644  # mkstemp creates 0600; results are meant to be shared
 
 
@@ -31,3 +33,18 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def check_output_file(path: str | os.PathLike[str], overwrite: bool = False, flag: str = "--output") -> Path:
+    """Refuse an existing ``path`` (unless ``overwrite``) or one whose folder cannot be created or written (checked on
+    its nearest existing ancestor; nothing is created here)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it or choose another {flag}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # created only when a result is written
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: {folder} is {'not a folder' if not folder.is_dir() else 'read-only'}"
+                         f"; choose another {flag}")
+    return path

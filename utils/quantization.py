@@ -1,7 +1,7 @@
 """Fake-quant INT8 for the deployed YOLOv6 model: insert quantizers, switch layers, calibrate, save and load amax.
 
 The only module that uses pytorch-quantization, through utils.quant_compat (which imports it and fixes its CPU paths).
-A quantized layer is a ``QuantConv2d`` / ``QuantConvTranspose2d`` (per-tensor input, per-output-channel weight) or
+A quantized layer is a ``QuantConv2d`` / ``QuantConvTranspose2d`` (per-tensor input, per-channel weight on axis 0) or
 a ``QuantMaxPool2d`` (input only), named by its module path, e.g. ``backbone.ERBlock_2.0.rbr_reparam``.
 """
 from __future__ import annotations
@@ -77,13 +77,14 @@ def _quant_conv(name: str, conv: nn.Conv2d, calib_method: str, num_bits: int) ->
 def _quant_deconv(name: str, conv: nn.ConvTranspose2d, calib_method: str,
                   num_bits: int) -> quant_nn.QuantConvTranspose2d:
     _check_padding(name, conv)
-    # weights are [in, out/groups, kh, kw]: output channels are axis 1 (2.1.3's default descriptor says axis 0);
-    # with groups > 1 each amax covers the same position in every group (YOLOv6's upsamplers have groups=1)
+    # weights are [in, out/groups, kh, kw]. TensorRT's INT8 deconvolution kernels take per-channel weight scales on
+    # axis 0 (input channels: a deconvolution is the transpose of a convolution whose output channels those are);
+    # axis 1 builds but computes wrong results (NVIDIA/TensorRT issues 1694 and 2380), so axis 0 it is.
     new = quant_nn.QuantConvTranspose2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                         conv.padding, conv.output_padding, conv.groups, bias=conv.bias is not None,
                                         dilation=conv.dilation, padding_mode=conv.padding_mode,
                                         quant_desc_input=_input_desc(calib_method, num_bits),
-                                        quant_desc_weight=_weight_desc(num_bits, axis=1))
+                                        quant_desc_weight=_weight_desc(num_bits, axis=0))
     return _adopt(new, conv)
 
 
@@ -290,7 +291,8 @@ def _feed(model: nn.Module, loader: Iterable[Any], num_batches: int, device: tor
 
 
 def _weight_amax(layer: nn.Module) -> torch.Tensor:
-    """Per-output-channel max |w| (axis 0 for Conv2d, 1 for ConvTranspose2d), shaped to broadcast over the weight."""
+    """Per-channel max |w| along the weight quantizer's axis (0: Conv2d output, ConvTranspose2d input channels),
+    shaped to broadcast over the weight."""
     axis = layer.weight_quantizer.axis[0]
     dims = [d for d in range(layer.weight.dim()) if d != axis]
     return layer.weight.detach().abs().amax(dim=dims, keepdim=True).float()
@@ -347,7 +349,7 @@ def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method:
     """Set every quantizer's amax from the first ``num_batches`` batches of ``loader`` (in place, deterministic).
 
     Inputs are calibrated per tensor by ``method``: ``max`` (max calibrator) or ``percentile`` / ``entropy`` /
-    ``mse`` (histograms); weights per output channel by max |w|. On/off states are kept; calibration runs in float.
+    ``mse`` (histograms); weights per channel (axis 0) by max |w|. On/off states are kept; calibration runs in float.
 
     Args:
         loader: batches as ``collate_detection`` makes them (items with ``ok`` False are left out) or image tensors.
@@ -435,6 +437,15 @@ def _read_calibrated(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path} holds no quantizer state: pass a checkpoint written by save_calibrated() (a float "
                          "checkpoint must be calibrated first)")
     return raw
+
+
+def is_calibrated_file(path: str | Path) -> bool:
+    """Whether ``path`` is a calibrated checkpoint written by ``save_calibrated`` (any other file: False)."""
+    try:
+        _read_calibrated(path)
+    except InputError:
+        return False
+    return True
 
 
 def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

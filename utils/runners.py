@@ -1,7 +1,8 @@
-"""One inference interface, several back ends: a PyTorch module, an ONNX Runtime session (later a TensorRT engine).
+"""One inference interface, several back ends: a PyTorch module, an ONNX Runtime session, a TensorRT engine.
 
 A runner takes a float32 batch [B,3,H,W] in [0,1] (any device) and returns the raw predictions [B,N,5+nc] as a
-float32 tensor on the CPU: cx, cy, w, h (input pixels), objectness, class scores.
+float32 tensor on the CPU: cx, cy, w, h (input pixels), objectness, class scores. The TensorRT runner lives in
+utils/trt_runner.py and is imported only for engine files (TensorRT is optional).
 """
 from __future__ import annotations
 
@@ -89,7 +90,11 @@ class OnnxRuntimeRunner:
 
 
 def create_runner(weights: str | Path, device: torch.device | str = "cpu", half: bool = False) -> Runner:
-    """The runner for a weights file, chosen by its suffix: .onnx -> ONNX Runtime, else a PyTorch checkpoint."""
+    """The runner for a weights file, chosen by its suffix.
+
+    .onnx -> ONNX Runtime; .engine/.trt/.plan -> TensorRT (needs the ``tensorrt`` package and a CUDA ``device``);
+    anything else -> a PyTorch checkpoint (``half`` runs it in FP16).
+    """
     from models import load_model  # here, not at import time: utils must not need models to import
 
     path = Path(weights)
@@ -102,6 +107,10 @@ def create_runner(weights: str | Path, device: torch.device | str = "cpu", half:
                              "exported with")
         return OnnxRuntimeRunner(path, device)
     if suffix in ENGINE_SUFFIXES:
-        raise InputError(f"{path}: TensorRT engines are not supported by this version of eval_coco.py; "
-                         "evaluate the .onnx the engine was built from")
+        if half:
+            raise InputError("--half applies to PyTorch checkpoints; a TensorRT engine runs in the precision it was "
+                             "built with: drop --half")
+        from utils.trt_runner import TensorRTRunner  # lazy: TensorRT is optional
+
+        return TensorRTRunner(path, device)
     return TorchRunner(load_model(path, deploy=True, device="cpu"), device, half)

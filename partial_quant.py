@@ -1,0 +1,174 @@
+"""Partial INT8 quantization of a YOLOv6 model: keep the most sensitive layers in float, quantize the rest, export.
+
+Reads a sensitivity ranking (sensitivity_analyse.py's .json/.txt or YOLOv6's text file) and picks the float layers:
+--skip-layers N (the N most sensitive), --quant-boundary K (YOLOv6's rule: ranking sorted least -> most sensitive,
+indices 0..K inclusive are quantized, i.e. K+1 layers) or --target-drop D (automatic: most sensitive first until the
+mAP drop is <= D, then a revert pass). Input amax are shared where TensorRT needs one scale (Concat, MaxPool, convs
+reading one tensor; traced from the model). Prints FP / full-PTQ / partial mAP, writes partial.pt, the Q/DQ ONNX
+(verified on ONNX Runtime against PyTorch) and partial_quant.json in --output-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import load_model
+from utils import partial
+from utils import quantization as quant
+from utils import sensitivity as sens
+from utils.cli import (
+    ArgumentParser,
+    add_device_argument,
+    args_dict,
+    img_size,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    run_cli,
+    write_json,
+)
+from utils.data import CocoDetection
+from utils.errors import InputError
+from utils.evaluate import evaluate
+from utils.fileio import check_output_file
+from utils.onnx_export import build_hint, export_verified, verification_batch
+from utils.runners import OnnxRuntimeRunner, TorchRunner
+
+_logger = logging.getLogger("partial_quant")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", required=True, metavar="FILE", help="YOLOv6 release .pt or our checkpoint")
+    model.add_argument("--calib-weights", default=None, metavar="FILE",
+                       help="calibrated checkpoint of these weights (e.g. sensitivity_analyse.py's calibrated.pt); "
+                            "without it the model is calibrated here on --data-root")
+    add_device_argument(model)
+    model.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+    cal = parser.add_argument_group("calibration (first batch-size x batch-number images of --data-root, sorted)")
+    cal.add_argument("--data-root", default=None, metavar="DIR", help="calibration image folder")
+    cal.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch")
+    cal.add_argument("--batch-number", type=positive_int, default=4, metavar="N", help="calibration batches")
+    cal.add_argument("--calib-method", choices=quant.METHODS, default=None, help="amax calibration (default: max)")
+    cal.add_argument("--percentile", type=float, default=99.99, metavar="P", help="for --calib-method percentile")
+    cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size")
+    cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
+    ev = parser.add_argument_group("evaluation (COCO mAP50:95)")
+    ev.add_argument("--data", required=True, metavar="JSON", help="COCO annotations")
+    ev.add_argument("--images", required=True, metavar="DIR", help="images of --data")
+    ev.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="first N images only")
+    fb = parser.add_argument_group("float fallback (exactly one of --skip-layers, --quant-boundary, --target-drop)")
+    fb.add_argument("--sensitivity-file", required=True, metavar="FILE", help="ranking (.json or .txt)")
+    rule = fb.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--skip-layers", type=non_negative_int, metavar="N", help="the N most sensitive stay float")
+    rule.add_argument("--quant-boundary", type=non_negative_int, metavar="K",
+                      help="YOLOv6's rule: indices 0..K (K+1 layers) of the least-to-most sensitive list are INT8")
+    rule.add_argument("--target-drop", type=float, metavar="D", help="largest allowed mAP50:95 drop, e.g. 0.003")
+    fb.add_argument("--max-float-layers", type=non_negative_int, default=None, metavar="N",
+                    help="--target-drop: at most N float layers (default: the whole ranking)")
+    fb.add_argument("--no-revert", action="store_true", help="--target-drop: skip the revert pass")
+    ex = parser.add_argument_group("export")
+    ex.add_argument("--export-batch-size", type=positive_int, default=None, metavar="N",
+                    help="fixed batch of the ONNX (default: dynamic batch)")
+    ex.add_argument("--no-export", action="store_true", help="stop after partial.pt")
+    ex.add_argument("--fp16-graph", action="store_true", help="float regions typed FP16 (TensorRT --stronglyTyped)")
+    ex.add_argument("--eval-onnx", action="store_true",
+                    help="also measure the ONNX's mAP on ONNX Runtime (slow on CPU: Q/DQ runs emulated)")
+    parser.add_argument("--output-dir", default=None, metavar="DIR", help="default: runs/partial/<weights stem>")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def output_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """Every file this run writes, checked before the slow part (exists -> --overwrite; folder writable)."""
+    out = Path(args.output_dir or Path("runs", "partial", Path(args.weights).stem))
+    suffix = f"bs{args.export_batch_size}" if args.export_batch_size else "dynamic"
+    paths = {"checkpoint": out / "partial.pt", "report": out / "partial_quant.json"}
+    if not args.no_export:
+        paths["onnx"] = out / f"{Path(args.weights).stem}_partial_{suffix}.onnx"
+        paths["onnx_record"] = paths["onnx"].with_suffix(".json")
+    return {kind: check_output_file(path, args.overwrite, "--output-dir") for kind, path in paths.items()}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.target_drop is not None and not 0 <= args.target_drop <= 1:
+        raise InputError(f"--target-drop must be between 0 and 1 (mAP is a fraction), got {args.target_drop}")
+    if args.max_float_layers is not None and args.target_drop is None:
+        raise InputError("--max-float-layers applies to --target-drop only")
+    if not args.calib_weights and not args.data_root:
+        raise InputError("pass --data-root DIR with calibration images, or --calib-weights FILE")
+
+
+def calibrated(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    loader = None if args.calib_weights else sens.calibration_loader(
+        args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
+    return sens.calibrated_model(load_model(args.weights, deploy=True), calib_weights=args.calib_weights,
+                                 loader=loader, batch_number=args.batch_number, calib_method=args.calib_method,
+                                 percentile=args.percentile, device=device)
+
+
+def export_partial(args: argparse.Namespace, qmodel: torch.nn.Module, paths: dict[str, Path]) -> dict[str, Any]:
+    """The verified Q/DQ ONNX and its record; returns the report's export fields."""
+    batch = args.export_batch_size
+    images = verification_batch(args.images, args.img_size, batch or 2)
+    record = export_verified(qmodel, paths["onnx"], images, img_size=args.img_size, batch_size=batch or 1,
+                             dynamic_batch=batch is None, fp16_graph=args.fp16_graph)
+    record.update(weights=str(paths["checkpoint"]), build=build_hint(paths["onnx"]))
+    write_json(paths["onnx_record"], record)
+    return {"onnx": str(paths["onnx"]), "onnx_max_abs_diff": record["max_abs_diff"]["max"],
+            "onnx_diff": record["max_abs_diff"], "build": record["build"]}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    check_args(args)
+    paths = output_paths(args)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
+    qmodel, calib = calibrated(args, device)
+    model = partial.PartialModel(qmodel)
+    order = partial.read_ranking(args.sensitivity_file)
+    partial.check_ranking(order, model.layers, str(args.sensitivity_file))
+
+    def measure(float_layers: list[str]) -> float:
+        model.set_float(float_layers)
+        return evaluate(TorchRunner(qmodel, device), dataset, args.batch_size, args.workers,
+                        progress=not args.no_progress)["mAP50_95"]
+
+    fp_map = measure(list(model.layers))
+    ptq_map = measure([])
+    _logger.info("FP mAP50:95 %.4f, full PTQ %.4f (drop %.4f)", fp_map, ptq_map, fp_map - ptq_map)
+    choice = partial.choose_float_layers(
+        model, order, skip_layers=args.skip_layers, quant_boundary=args.quant_boundary, target_drop=args.target_drop,
+        measure=measure, fp_map=fp_map, max_float=args.max_float_layers, revert=not args.no_revert,
+        on_step=lambda s: _logger.info("%-11s %-55s mAP50:95 %.4f drop %.4f (%d float)", s["action"], s["layer"] or "-",
+                                       s["map"], s["drop"], s["float_layers"]))
+    if "map" in choice:  # the search measured its final float set already
+        model.set_float(choice["float_layers"])
+        partial_map = choice["map"]
+    else:
+        partial_map = measure(choice["float_layers"])
+    quant.save_calibrated(paths["checkpoint"], qmodel, meta={"weights": str(args.weights), "rule": choice["rule"]})
+    report = partial.summary(fp_map, ptq_map, partial_map, model, choice, calib, args_dict(args))
+    if not args.no_export:
+        report.update(export_partial(args, qmodel, paths))
+        if args.eval_onnx:
+            report["onnx_map"] = evaluate(OnnxRuntimeRunner(paths["onnx"]), dataset, args.batch_size, args.workers,
+                                          progress=not args.no_progress)["mAP50_95"]
+    report.update(checkpoint=str(paths["checkpoint"]), seconds=round(time.perf_counter() - start, 2))
+    write_json(paths["report"], report)
+    print(partial.format_summary(report))
+    return {k: v for k, v in report.items() if k not in ("steps", "sharing", "args")}
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
