@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -17,6 +16,7 @@ if _REPO_ROOT not in sys.path:
 from models import load_model, read_checkpoint, save_checkpoint  # noqa: E402
 from utils.cli import ArgumentParser, run_cli, write_json  # noqa: E402
 from utils.errors import InputError  # noqa: E402
+from utils.fileio import file_sha256  # noqa: E402
 
 _logger = logging.getLogger("package_model")
 
@@ -30,14 +30,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sha256sum(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = read_checkpoint(args.weights)
     if ckpt.deployed:
@@ -45,7 +37,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.weights, deploy=False)
     out = save_checkpoint(args.out, model, meta=ckpt.meta, half=True)
     record = json.loads(Path(args.record).read_text()) if args.record else {}
-    record.update({"file": out.name, "sha256": sha256sum(out), "bytes": out.stat().st_size, "meta": ckpt.meta,
+    record.update({"file": out.name, "sha256": file_sha256(out), "bytes": out.stat().st_size, "meta": ckpt.meta,
                    "config": model.config["name"], "num_classes": model.config["num_classes"]})
     write_json(out.with_suffix(".json"), record)
     _logger.info("wrote %s (%.2f MB, sha256 %s)", out, record["bytes"] / 1e6, record["sha256"])

@@ -58,7 +58,7 @@ from utils.cli import write_json
 from utils.data import CocoDetection, ImageFolderDataset, create_dataloader
 from utils.errors import InputError
 from utils.evaluate import evaluate
-from utils.fileio import atomic_output, atomic_write_text
+from utils.fileio import atomic_output, atomic_write_text, file_sha256
 from utils.quant_compat import TensorQuantizer
 from utils.runners import TorchRunner
 
@@ -469,14 +469,6 @@ class ProxyProbe:
 
 
 # ------------------------------------------------------------------------------------------- data and models
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def amax_sha256(model: nn.Module) -> str:
     """A hash of every quantizer's amax (names, shapes and FP32 values): identifies a calibration."""
     digest = hashlib.sha256()
