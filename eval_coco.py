@@ -19,10 +19,10 @@ from utils.cli import (
     unit_interval,
     write_json,
 )
-from utils.data import CocoDetection
+from utils.data.coco import CocoDetection
 from utils.errors import InputError
-from utils.evaluate import evaluate
-from utils.runners import ENGINE_SUFFIXES, create_runner
+from utils.inference.evaluate import evaluate
+from utils.inference.runners import ENGINE_SUFFIXES, create_runner
 
 _logger = logging.getLogger("eval_coco")
 DEFAULT_IMG_SIZE = 640

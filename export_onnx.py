@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from models import load_model
-from utils import quantization as quant
 from utils.cli import ArgumentParser, img_size, positive_int, run_cli, unit_interval, write_json
+from utils.deploy.onnx_export import DEFAULT_OPSET, TOLERANCES, build_hint, export_verified, verification_batch
 from utils.errors import InputError
 from utils.fileio import check_output_file
-from utils.onnx_export import DEFAULT_OPSET, TOLERANCES, build_hint, export_verified, verification_batch
+from utils.quant import calibration
+from utils.quant import quantizers as quant
 
 _logger = logging.getLogger("export_onnx")
 MODES = ("auto", "fp32", "qdq")
@@ -63,13 +64,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_export_model(weights: str, mode: str) -> torch.nn.Module:
     """The deployed model to export: quantized (calibrated checkpoints) or float, as ``mode`` asks."""
-    calibrated = quant.is_calibrated_file(weights)
+    calibrated = calibration.is_calibrated_file(weights)
     if mode == "qdq" and not calibrated:
         raise InputError(f"--mode qdq needs a calibrated checkpoint, but {weights} has no quantizer amax: calibrate "
                          "with partial_quant.py (or sensitivity_analyse.py) and export its .pt")
     if not calibrated:
         return load_model(weights, deploy=True)
-    model = quant.load_calibrated(weights)
+    model = calibration.load_calibrated(weights)
     if mode == "fp32":
         quant.disable_all(model)
     elif quant.count_quantized(model)[0] == 0:

@@ -18,9 +18,6 @@ from typing import Any
 import torch
 
 from models import load_model
-from utils import partial
-from utils import quantization as quant
-from utils import sensitivity as sens
 from utils.cli import (
     ArgumentParser,
     add_device_argument,
@@ -32,12 +29,19 @@ from utils.cli import (
     run_cli,
     write_json,
 )
-from utils.data import CocoDetection
+from utils.data.calibration import calibration_loader
+from utils.data.coco import CocoDetection
+from utils.deploy.onnx_export import build_hint, export_verified, verification_batch
 from utils.errors import InputError
-from utils.evaluate import evaluate
+from utils.fallback.report import format_summary, summary
+from utils.fallback.rules import PartialModel, check_ranking, choose_float_layers
 from utils.fileio import check_output_file
-from utils.onnx_export import build_hint, export_verified, verification_batch
-from utils.runners import OnnxRuntimeRunner, TorchRunner
+from utils.inference.evaluate import evaluate
+from utils.inference.runners import OnnxRuntimeRunner, TorchRunner
+from utils.quant import calibration
+from utils.quant import quantizers as quant
+from utils.quant.calibration import calibrated_model
+from utils.sensitivity.report import read_ranking
 
 _logger = logging.getLogger("partial_quant")
 
@@ -108,9 +112,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def calibrated(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    loader = None if args.calib_weights else sens.calibration_loader(
+    loader = None if args.calib_weights else calibration_loader(
         args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
-    return sens.calibrated_model(load_model(args.weights, deploy=True), calib_weights=args.calib_weights,
+    return calibrated_model(load_model(args.weights, deploy=True), calib_weights=args.calib_weights,
                                  loader=loader, batch_number=args.batch_number, calib_method=args.calib_method,
                                  percentile=args.percentile, device=device)
 
@@ -135,9 +139,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
     qmodel, calib = calibrated(args, device)
-    model = partial.PartialModel(qmodel)
-    order = partial.read_ranking(args.sensitivity_file)
-    partial.check_ranking(order, model.layers, str(args.sensitivity_file))
+    model = PartialModel(qmodel)
+    order = read_ranking(args.sensitivity_file)
+    check_ranking(order, model.layers, str(args.sensitivity_file))
 
     def measure(float_layers: list[str]) -> float:
         model.set_float(float_layers)
@@ -147,7 +151,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     fp_map = measure(list(model.layers))
     ptq_map = measure([])
     _logger.info("FP mAP50:95 %.4f, full PTQ %.4f (drop %.4f)", fp_map, ptq_map, fp_map - ptq_map)
-    choice = partial.choose_float_layers(
+    choice = choose_float_layers(
         model, order, skip_layers=args.skip_layers, quant_boundary=args.quant_boundary, target_drop=args.target_drop,
         measure=measure, fp_map=fp_map, max_float=args.max_float_layers, revert=not args.no_revert,
         on_step=lambda s: _logger.info("%-11s %-55s mAP50:95 %.4f drop %.4f (%d float)", s["action"], s["layer"] or "-",
@@ -157,8 +161,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         partial_map = choice["map"]
     else:
         partial_map = measure(choice["float_layers"])
-    quant.save_calibrated(paths["checkpoint"], qmodel, meta={"weights": str(args.weights), "rule": choice["rule"]})
-    report = partial.summary(fp_map, ptq_map, partial_map, model, choice, calib, args_dict(args))
+    calibration.save_calibrated(paths["checkpoint"], qmodel,
+                                meta={"weights": str(args.weights), "rule": choice["rule"]})
+    report = summary(fp_map, ptq_map, partial_map, model, choice, calib, args_dict(args))
     if not args.no_export:
         report.update(export_partial(args, qmodel, paths))
         if args.eval_onnx:
@@ -166,7 +171,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                           progress=not args.no_progress)["mAP50_95"]
     report.update(checkpoint=str(paths["checkpoint"]), seconds=round(time.perf_counter() - start, 2))
     write_json(paths["report"], report)
-    print(partial.format_summary(report))
+    print(format_summary(report))
     return {k: v for k, v in report.items() if k not in ("steps", "sharing", "args")}
 
 

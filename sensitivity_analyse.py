@@ -15,8 +15,6 @@ from typing import Any, Callable
 import torch
 
 from models import model_from_checkpoint, read_checkpoint, reparameterize
-from utils import quantization as quant
-from utils import sensitivity as sens
 from utils.cli import (
     ArgumentParser,
     add_device_argument,
@@ -27,8 +25,26 @@ from utils.cli import (
     resolve_device,
     run_cli,
 )
-from utils.data import CocoDetection
+from utils.data.calibration import calibration_loader, images_sha256, proxy_batches
+from utils.data.coco import CocoDetection
 from utils.errors import InputError
+from utils.fileio import file_sha256
+from utils.quant import calibration
+from utils.quant import quantizers as quant
+from utils.quant.calibration import calibrated_model
+from utils.sensitivity import analyse
+from utils.sensitivity.metrics import METHODS
+from utils.sensitivity.probes import MapProbe, ProxyProbe, select_layers
+from utils.sensitivity.report import build_report, format_table, write_reports
+from utils.sensitivity.store import (
+    ProgressFile,
+    check_progress,
+    make_header,
+    merge_shards,
+    parse_shard,
+    progress_path,
+    shard_layers,
+)
 
 _logger = logging.getLogger("sensitivity_analyse")
 DEFAULT_PROXY = "sqnr"  # the method without --data: label-free, the best agreement with map in the benchmark
@@ -36,7 +52,7 @@ DEFAULT_PROXY = "sqnr"  # the method without --data: label-free, the best agreem
 
 def _shard(text: str) -> tuple[int, int]:
     try:
-        return sens.parse_shard(text)
+        return parse_shard(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -59,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size, a multiple of 32")
     cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     ana = parser.add_argument_group("analysis")
-    ana.add_argument("--method", choices=sens.METHODS, default=None,
+    ana.add_argument("--method", choices=METHODS, default=None,
                      help=f"map: COCO mAP per layer (needs --data/--images); sqnr/cosine/mse: label-free proxies on "
                           f"the calibration images (default: map with --data, else {DEFAULT_PROXY})")
     ana.add_argument("--data", default=None, metavar="JSON", help="COCO annotation file for --method map")
@@ -107,20 +123,20 @@ def _probe(args: argparse.Namespace, qmodel: torch.nn.Module, layers: list[str],
            device: torch.device) -> tuple[Any, dict[str, Any]]:
     if args.method == "map":
         dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
-        data = {"annotations_sha256": sens.file_sha256(args.data), "max_images": args.max_images,
+        data = {"annotations_sha256": file_sha256(args.data), "max_images": args.max_images,
                 "images": len(dataset)}
-        return sens.MapProbe(qmodel, dataset, args.batch_size, args.workers, device), data
-    batches, dataset = sens.proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
+        return MapProbe(qmodel, dataset, args.batch_size, args.workers, device), data
+    batches, dataset = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
                                          args.workers)
-    data = {"images_sha256": sens.images_sha256(dataset), "images": len(dataset)}
-    return sens.ProxyProbe(qmodel, batches, args.method, device, layers=layers), data
+    data = {"images_sha256": images_sha256(dataset), "images": len(dataset)}
+    return ProxyProbe(qmodel, batches, args.method, device, layers=layers), data
 
 
 def _finish(args: argparse.Namespace, output: Path, header: dict, records: dict, baselines: dict,
             start: float) -> dict[str, Any]:
-    report = sens.build_report(header, records, baselines, args_dict(args))
-    paths = sens.write_reports(output, report)
-    print(sens.format_table(report))
+    report = build_report(header, records, baselines, args_dict(args))
+    paths = write_reports(output, report)
+    print(format_table(report))
     first = min(report["layers"], key=lambda r: r["rank"])["name"]
     flat = {f"{name}_{col}": v for name, values in baselines.items() for col, v in values.items()}
     return {"method": args.method, "layers": len(records), "most_sensitive": first, **flat,
@@ -132,29 +148,29 @@ def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None 
     check_args(args)
     output = Path(args.output or Path("runs", "sensitivity", Path(args.weights).stem))
     ckpt = read_checkpoint(args.weights)
-    model_id = {"sha256": sens.file_sha256(args.weights), "config": ckpt.config.get("name")}
+    model_id = {"sha256": file_sha256(args.weights), "config": ckpt.config.get("name")}
     if args.merge:
-        return _finish(args, output, *sens.merge_shards(output, args.method, model=model_id), start)
-    progress_file = sens.progress_path(output, args.method, args.shard)
-    sens.check_progress(progress_file, model_id, args.method, args.resume, args.overwrite)  # before the slow part
+        return _finish(args, output, *merge_shards(output, args.method, model=model_id), start)
+    progress_file = progress_path(output, args.method, args.shard)
+    check_progress(progress_file, model_id, args.method, args.resume, args.overwrite)  # before the slow part
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    loader = None if args.calib_weights else sens.calibration_loader(
+    loader = None if args.calib_weights else calibration_loader(
         args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
     model = reparameterize(model_from_checkpoint(ckpt, args.weights))
-    qmodel, calib = sens.calibrated_model(model, calib_weights=args.calib_weights, loader=loader,
+    qmodel, calib = calibrated_model(model, calib_weights=args.calib_weights, loader=loader,
                                           batch_number=args.batch_number, calib_method=args.calib_method,
                                           percentile=args.percentile, device=device)
-    layers = sens.select_layers(qmodel, args.layers)
+    layers = select_layers(qmodel, args.layers)
     probe, data = _probe(args, qmodel, layers, device)
-    header = sens.make_header(model=model_id, method=args.method, calibration=calib, img_size=args.img_size,
+    header = make_header(model=model_id, method=args.method, calibration=calib, img_size=args.img_size,
                               data=data, layer_info=[i for i in quant.layer_info(qmodel) if i["name"] in layers],
                               shard=args.shard)
-    progress = sens.ProgressFile(progress_file, header, resume=args.resume, overwrite=args.overwrite)
+    progress = ProgressFile(progress_file, header, resume=args.resume, overwrite=args.overwrite)
     if not args.calib_weights:  # after the progress check: never replace the calibration of another analysis
-        saved = quant.save_calibrated(output / "calibrated.pt", qmodel, meta={"weights": str(args.weights)})
+        saved = calibration.save_calibrated(output / "calibrated.pt", qmodel, meta={"weights": str(args.weights)})
         _logger.info("calibrated checkpoint: %s (pass it as --calib-weights to skip calibration)", saved)
-    records = sens.analyse(probe, sens.shard_layers(layers, args.shard), progress, method=args.method,
+    records = analyse(probe, shard_layers(layers, args.shard), progress, method=args.method,
                            baselines=args.shard is None or args.shard[0] == 0, on_layer=on_layer,
                            show_progress=not args.no_progress)
     if args.shard is not None:

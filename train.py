@@ -22,7 +22,7 @@ from utils.cli import (
     unit_interval,
     write_json,
 )
-from utils.data import CocoDetection
+from utils.data.coco import CocoDetection
 from utils.errors import InputError
 from utils.training.augment import AugmentConfig
 from utils.training.loop import TrainConfig, Trainer

@@ -24,7 +24,6 @@ if _REPO_ROOT not in sys.path:
 import torch  # noqa: E402
 
 from models import load_model  # noqa: E402
-from utils import sensitivity as sens  # noqa: E402
 from utils.cli import (  # noqa: E402
     ArgumentParser,
     add_device_argument,
@@ -36,7 +35,16 @@ from utils.cli import (  # noqa: E402
     run_cli,
     write_json,
 )
-from utils.data import CocoDetection  # noqa: E402
+from utils.data.calibration import calibration_loader, proxy_batches  # noqa: E402
+from utils.data.coco import CocoDetection  # noqa: E402
+from utils.data.synthetic import ensure_synthetic_coco  # noqa: E402
+from utils.errors import InputError  # noqa: E402
+from utils.quant.calibration import calibrated_model  # noqa: E402
+from utils.sensitivity import analyse  # noqa: E402
+from utils.sensitivity.agreement import sensitivity_scores, spearman, top_k_overlap  # noqa: E402
+from utils.sensitivity.metrics import METHODS, key_column, sensitivity_order  # noqa: E402
+from utils.sensitivity.probes import MapProbe, ProxyProbe, select_layers  # noqa: E402
+from utils.sensitivity.store import MemoryProgress  # noqa: E402
 
 _logger = logging.getLogger("sensitivity_benchmark")
 GOAL = {"speedup": 20.0, "spearman": 0.8, "top5_overlap": 4}
@@ -52,11 +60,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--threads", type=positive_int, default=None, metavar="N",
                        help="torch CPU threads (default: torch's choice)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="runs/synthetic/annotations/instances_val.json", metavar="JSON",
-                      help="COCO annotations for map")
-    data.add_argument("--images", default="runs/synthetic/images/val", metavar="DIR", help="images of --data")
-    data.add_argument("--data-root", default="runs/synthetic/images/train", metavar="DIR",
-                      help="calibration (and proxy) images")
+    data.add_argument("--data", default=None, metavar="JSON",
+                      help="COCO annotations for map (default: the synthetic set, see --synthetic-dir)")
+    data.add_argument("--images", default=None, metavar="DIR", help="images of --data")
+    data.add_argument("--data-root", default=None, metavar="DIR",
+                      help="calibration (and proxy) images (default: the synthetic set's train images)")
+    data.add_argument("--synthetic-dir", default="runs/synthetic_benchmark", metavar="DIR",
+                      help="without --data/--images/--data-root: the synthetic set (200 val images, seed 0, as in "
+                           "make demo) is generated here once and reused")
     data.add_argument("--img-size", type=img_size, default=320, metavar="N", help="letterbox size")
     data.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                       help="map on the first N evaluation images (default: all)")
@@ -65,8 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--proxy-images", type=positive_int, default=32, metavar="N", help="images the proxies use")
     data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     run = parser.add_argument_group("run")
-    run.add_argument("--methods", nargs="+", choices=sens.METHODS, default=list(sens.METHODS), metavar="M",
-                     help=f"methods to time, map first ({', '.join(sens.METHODS)})")
+    run.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
+                     help=f"methods to time, map first ({', '.join(METHODS)})")
     run.add_argument("--layers", nargs="+", default=None, metavar="PATTERN", help="only these layers (globs)")
     run.add_argument("--map-reliability", action="store_true",
                      help="also run map on the even and on the odd evaluation images: their rank agreement is the "
@@ -80,10 +91,10 @@ def _probe(method: str, qmodel: torch.nn.Module, layers: list[str], args: argpar
            device: torch.device) -> Any:
     if method == "map":
         dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
-        return sens.MapProbe(qmodel, dataset, args.batch_size, args.workers, device)
-    batches, _ = sens.proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
+        return MapProbe(qmodel, dataset, args.batch_size, args.workers, device)
+    batches, _ = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
                                     args.workers)
-    probe = sens.ProxyProbe(qmodel, batches, method, device, layers=layers)
+    probe = ProxyProbe(qmodel, batches, method, device, layers=layers)
     probe.prepare()
     return probe
 
@@ -93,8 +104,8 @@ def time_method(method: str, qmodel: torch.nn.Module, layers: list[str], args: a
     """Run one method over ``layers``: timings and each value column per layer."""
     start = time.perf_counter()
     probe = _probe(method, qmodel, layers, args, device)
-    progress = sens.MemoryProgress()
-    records = sens.analyse(probe, layers, progress, method=method)
+    progress = MemoryProgress()
+    records = analyse(probe, layers, progress, method=method)
     total = time.perf_counter() - start
     layer_seconds = sum(r["seconds"] for r in records.values())
     columns = {col: [records[n]["values"][col] for n in layers] for col in records[layers[0]]["values"]}
@@ -133,11 +144,11 @@ def map_reliability(qmodel: torch.nn.Module, layers: list[str], args: argparse.N
 
 def agreement(reference: list[float], values: list[float], method: str, layers: list[str]) -> dict[str, Any]:
     """Spearman rho and top-k overlaps of ``values`` (of ``method``) against map's mAP50:95."""
-    ref_scores, scores = sens.sensitivity_scores(reference, "map"), sens.sensitivity_scores(values, method)
-    ref_order = [layers[i] for i in sens.sensitivity_order(reference, "map")]
-    order = [layers[i] for i in sens.sensitivity_order(values, method)]
-    return {"spearman": sens.spearman(ref_scores, scores), "top5_overlap": sens.top_k_overlap(ref_order, order, 5),
-            "top10_overlap": sens.top_k_overlap(ref_order, order, 10), "top5": order[:5]}
+    ref_scores, scores = sensitivity_scores(reference, "map"), sensitivity_scores(values, method)
+    ref_order = [layers[i] for i in sensitivity_order(reference, "map")]
+    order = [layers[i] for i in sensitivity_order(values, method)]
+    return {"spearman": spearman(ref_scores, scores), "top5_overlap": top_k_overlap(ref_order, order, 5),
+            "top10_overlap": top_k_overlap(ref_order, order, 10), "top5": order[:5]}
 
 
 def summarise(results: dict[str, dict[str, Any]], layers: list[str]) -> dict[str, dict[str, Any]]:
@@ -145,7 +156,7 @@ def summarise(results: dict[str, dict[str, Any]], layers: list[str]) -> dict[str
     rows: dict[str, dict[str, Any]] = {}
     reference = results.get("map", {}).get("columns", {}).get("mAP50_95")
     for method, res in results.items():
-        key = sens.key_column(method)
+        key = key_column(method)
         variants = [(method, key)] + [(f"{method}[{c[len(key) + 1:]}]", c) for c in res["columns"]
                                       if c.startswith(key + "_")]
         for label, col in variants:
@@ -176,16 +187,31 @@ def format_rows(rows: dict[str, dict[str, Any]], layers: int) -> str:
     return "\n".join(lines)
 
 
+def resolve_data(args: argparse.Namespace) -> None:
+    """Fill in the synthetic set's paths when no data was named; otherwise every path the methods need."""
+    if args.data is None and args.images is None and args.data_root is None:
+        synthetic = ensure_synthetic_coco(args.synthetic_dir, max(args.batch_size * args.batch_number,
+                                                                  args.proxy_images), 200, args.img_size, seed=0)
+        args.data, args.images = synthetic["val"]["ann_file"], synthetic["val"]["img_dir"]
+        args.data_root = synthetic["train"]["img_dir"]
+        return
+    if args.data_root is None:
+        raise InputError("--data-root is required with --data/--images: pass the calibration image folder")
+    if "map" in args.methods and (args.data is None or args.images is None):
+        raise InputError("the map method needs --data and --images (a labelled COCO set); or leave out --methods map")
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    resolve_data(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    loader = sens.calibration_loader(args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
-    qmodel, calib = sens.calibrated_model(load_model(args.weights), loader=loader, batch_number=args.batch_number,
+    loader = calibration_loader(args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
+    qmodel, calib = calibrated_model(load_model(args.weights), loader=loader, batch_number=args.batch_number,
                                           device=device, num_bits=args.num_bits)
-    layers = sens.select_layers(qmodel, args.layers)
-    methods = sorted(set(args.methods), key=sens.METHODS.index)
+    layers = select_layers(qmodel, args.layers)
+    methods = sorted(set(args.methods), key=METHODS.index)
     results = {m: time_method(m, qmodel, layers, args, device) for m in methods}
     rows = summarise(results, layers)
     print(format_rows(rows, len(layers)), flush=True)

@@ -2,9 +2,17 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from models import save_checkpoint
+from tests.helpers import SIZE, deployed, images, tiny_detector
+from utils.data.synthetic import generate_synthetic_coco
+from utils.quant import calibration
+from utils.quant import quantizers as quant
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +41,37 @@ def restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def yolov6n() -> nn.Module:
+    """A deployed yolov6n with seeded weights (see ``tests.helpers.deployed``)."""
+    return deployed("yolov6n")
+
+
+@pytest.fixture(scope="module")
+def reopt() -> nn.Module:
+    """A deployed v2 RepOpt yolov6n with seeded weights."""
+    return deployed("yolov6n_reopt")
+
+
+@pytest.fixture(scope="module")
+def calibrated(yolov6n: nn.Module) -> nn.Module:
+    """``yolov6n`` quantized and max-calibrated on two batches of random images."""
+    qmodel = quant.quantize_model(yolov6n)
+    calibration.calibrate(qmodel, [images(2, seed=1), images(2, seed=2)], num_batches=2, method="max")
+    return qmodel
+
+
+@pytest.fixture(scope="module")
+def tiny_val(tmp_path_factory) -> dict:
+    """8 synthetic val images at 64 px with their COCO annotations: {"json": file, "images": folder}."""
+    out = tmp_path_factory.mktemp("synthetic")
+    info = generate_synthetic_coco(out, num_train=0, num_val=8, img_size=SIZE, seed=11)
+    return {"json": str(info["val"]["ann_file"]), "images": str(info["val"]["img_dir"])}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """``tests.helpers.tiny_detector()`` saved in our checkpoint format."""
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", tiny_detector())

@@ -14,9 +14,9 @@ import export_onnx
 from models import build_model, load_config, save_checkpoint
 from models.config import with_overrides
 from utils.cli import run_cli
-from utils.data import CocoDetection
-from utils.evaluate import evaluate
-from utils.synthetic import generate_synthetic_coco
+from utils.data.coco import CocoDetection
+from utils.data.synthetic import generate_synthetic_coco
+from utils.inference.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 IMG_SIZE = 320

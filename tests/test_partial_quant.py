@@ -1,7 +1,6 @@
-"""Tests for quantizer sharing (utils/quant_sharing.py), the Q/DQ export (utils/onnx_export.py, export_onnx.py) and
-partial_quant.py end to end on the bundled demo model: groups traced from v2 RepOpt and v3 layouts equal YOLOv6's own
-hand-written list / the architecture, the exported graph has one scale per Concat/MaxPool group, ONNX Runtime mAP
-agrees with PyTorch fake-quant, and bad input gives one-line errors with nothing written."""
+"""Tests for partial_quant.py and export_onnx.py end to end on the bundled demo model: the exported graph has one
+scale per Concat/MaxPool group, ONNX Runtime mAP agrees with PyTorch fake-quant, and bad input gives one-line
+errors with nothing written."""
 from __future__ import annotations
 
 import json
@@ -15,83 +14,21 @@ from onnx import numpy_helper
 
 import export_onnx
 import partial_quant
-from models import build_model, load_config, reparameterize
-from utils import quantization as quant
 from utils.cli import run_cli
-from utils.quant_sharing import input_amax, share_input_amax, trace_sharing_groups
-from utils.synthetic import generate_synthetic_coco
+from utils.data.synthetic import generate_synthetic_coco
+from utils.quant import calibration
+from utils.quant import quantizers as quant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 REPO = Path(__file__).resolve().parents[1]
+
+
 BUNDLED = REPO / "assets" / "yolov6n_synthetic.pt"
+
+
 SIZE = 320
-
-# YOLOv6's tools/partial_quantization/partial_quant.py lists, by hand, the layers of yolov6s_reopt (v2 RepOpt)
-# whose amax it fuses (its extra upsample_feat quantizers aside); the detect stems read the same tensor as the
-# downsample convs, which that list leaves out.
-REOPT_GROUPS = [
-    ["backbone.ERBlock_4.0.conv", "neck.Rep_p3.conv1.conv"],
-    ["backbone.ERBlock_5.0.conv", "neck.Rep_p4.conv1.conv"],
-    ["backbone.ERBlock_5.2.cv2.conv", "backbone.ERBlock_5.2.m"],
-    ["neck.Rep_n3.conv1.conv", "neck.upsample1.upsample_transpose"],
-    ["neck.Rep_n4.conv1.conv", "neck.upsample0.upsample_transpose"],
-    ["neck.downsample2.conv", "detect.stems.0.conv"],
-    ["neck.downsample1.conv", "detect.stems.1.conv"],
-    ["detect.cls_convs.0.conv", "detect.reg_convs.0.conv"],
-    ["detect.cls_convs.1.conv", "detect.reg_convs.1.conv"],
-    ["detect.cls_convs.2.conv", "detect.reg_convs.2.conv"],
-]
-# v3 (EfficientRep + RepBiFPANNeck + CSPSPPF), from the architecture: BiFusion concatenates the upsampled feature
-# with cv1(C_i) and the downsampled cv2(C_{i-1}), so each backbone stage output is read by the next stage and by
-# BiFusion convs; CSPSPPF's cv1 and cv2 read one tensor, its maxpool chain is concatenated before cv5.
-V3_GROUPS = [
-    ["backbone.ERBlock_3.0.rbr_reparam", "neck.Bifusion1.cv2.block.conv"],
-    ["backbone.ERBlock_4.0.rbr_reparam", "neck.Bifusion0.cv2.block.conv", "neck.Bifusion1.cv1.block.conv"],
-    ["backbone.ERBlock_5.0.rbr_reparam", "neck.Bifusion0.cv1.block.conv"],
-    ["backbone.ERBlock_5.2.cspsppf.cv1.block.conv", "backbone.ERBlock_5.2.cspsppf.cv2.block.conv"],
-    ["backbone.ERBlock_5.2.cspsppf.m", "backbone.ERBlock_5.2.cspsppf.cv5.block.conv"],
-    ["neck.Bifusion0.upsample.upsample_transpose", "neck.Rep_n4.conv1.rbr_reparam"],
-    ["neck.Bifusion1.upsample.upsample_transpose", "neck.Rep_n3.conv1.rbr_reparam"],
-    ["neck.downsample2.block.conv", "detect.stems.0.block.conv"],
-    ["neck.downsample1.block.conv", "detect.stems.1.block.conv"],
-    ["detect.cls_convs.0.block.conv", "detect.reg_convs.0.block.conv"],
-    ["detect.cls_convs.1.block.conv", "detect.reg_convs.1.block.conv"],
-    ["detect.cls_convs.2.block.conv", "detect.reg_convs.2.block.conv"],
-]
-
-
-def _quantized(config: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return quant.quantize_model(reparameterize(build_model(load_config(config)).eval()))
-
-
-# ------------------------------------------------------------------------------------------------------ sharing
-@pytest.mark.parametrize("config, expected", [("yolov6n_reopt", REOPT_GROUPS), ("yolov6n", V3_GROUPS)])
-def test_sharing_groups_are_traced_from_the_model(config, expected):
-    groups = trace_sharing_groups(_quantized(config))
-    assert sorted(map(sorted, groups)) == sorted(map(sorted, expected))
-
-
-def test_shared_amax_is_the_max_over_int8_members_and_follows_the_float_set():
-    model = _quantized("yolov6n")
-    quant.calibrate(model, [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))], 1)
-    calibrated = input_amax(model)
-    group = ["backbone.ERBlock_4.0.rbr_reparam", "neck.Bifusion0.cv2.block.conv", "neck.Bifusion1.cv1.block.conv"]
-    values = dict(zip(group, (2.0, 3.0, 1.5)))  # distinct by hand (calibration gives one value to one tensor)
-    calibrated.update({name: torch.tensor(v) for name, v in values.items()})
-    layers = quant.quant_layers(model)
-
-    share_input_amax(model, [group], calibrated)
-    assert all(float(layers[n].input_quantizer._amax) == max(values.values()) for n in group)
-    top = max(values, key=values.get)
-    quant.set_quantized(model, [top], False)  # the largest member runs float: the others fall back to their max
-    report = share_input_amax(model, [group], calibrated)
-    rest = [n for n in group if n != top]
-    assert all(float(layers[n].input_quantizer._amax) == max(values[n] for n in rest) for n in rest)
-    assert float(layers[top].input_quantizer._amax) == values[top] and report[0]["layers"] == rest
-    outside = "backbone.stem.rbr_reparam"
-    assert torch.equal(layers[outside].input_quantizer._amax, calibrated[outside])
 
 
 # ------------------------------------------------------------------------------------ partial_quant end to end
@@ -160,7 +97,7 @@ def test_partial_quant_skip_layers_end_to_end(data, ranking, tmp_path):
     assert {r["name"] for r in record["layers"] if r["precision"] == "float"} == set(heads)
     assert onnx.load(result["onnx"]).graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     assert _concat_scales_agree(Path(result["onnx"])) >= 3
-    reloaded = quant.load_calibrated(tmp_path / "out" / "partial.pt")
+    reloaded = calibration.load_calibrated(tmp_path / "out" / "partial.pt")
     assert quant.float_layers(reloaded) == heads
 
 
@@ -210,9 +147,9 @@ def test_bad_inputs_exit_2(data, ranking, tmp_path, capsys):
 
 def test_qdq_export_of_an_all_float_model_is_refused(tmp_path, capsys):
     model = quant.quantize_model(_bundled())
-    quant.calibrate(model, [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))], 1)
+    calibration.calibrate(model, [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))], 1)
     quant.disable_all(model)
-    path = quant.save_calibrated(tmp_path / "float.pt", model)
+    path = calibration.save_calibrated(tmp_path / "float.pt", model)
     assert "every layer in float" in _exit_2(export_onnx.main, ["--weights", str(path), "--img-size", "64",
                                                                 "--output", str(tmp_path / "f.onnx")], capsys)
     result = export_onnx.main(export_onnx.get_args_parser().parse_args(

@@ -17,7 +17,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from utils.cli import ArgumentParser, args_dict, run_cli, write_json  # noqa: E402
-from utils.engine_info import (  # noqa: E402
+from utils.deploy.engine_info import (  # noqa: E402
     compare_with_intended,
     format_report,
     read_export_info,

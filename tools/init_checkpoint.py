@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from models import build_model, load_config, save_checkpoint  # noqa: E402
 from models.config import with_overrides  # noqa: E402
 from utils.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
-from utils.data import read_categories  # noqa: E402
+from utils.data.coco import read_categories  # noqa: E402
 
 _logger = logging.getLogger("init_checkpoint")
 

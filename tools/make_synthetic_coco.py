@@ -15,7 +15,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from utils.cli import ArgumentParser, img_size, non_negative_int, run_cli  # noqa: E402
-from utils.synthetic import generate_synthetic_coco  # noqa: E402
+from utils.data.synthetic import generate_synthetic_coco  # noqa: E402
 
 _logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.data import CocoDetection, letterbox, read_image_rgb
+from utils.data.coco import CocoDetection, letterbox, read_image_rgb
 from utils.training.augment import AugmentConfig, augment_hsv, flip_lr, mosaic_canvas, random_affine
 
 _logger = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from torch import nn
 from tqdm import tqdm
 
 from models import reparameterize, save_checkpoint
-from utils.data import CocoDetection, create_dataloader
+from utils.data.coco import CocoDetection, create_dataloader
 from utils.errors import InputError
-from utils.evaluate import evaluate
-from utils.runners import TorchRunner
+from utils.inference.evaluate import evaluate
+from utils.inference.runners import TorchRunner
 from utils.training.augment import AugmentConfig
 from utils.training.dataset import TrainDataset
 from utils.training.losses import DetectionLoss

@@ -1,0 +1,49 @@
+"""Tests for utils/deploy/onnx_export.py: a Q/DQ ONNX export of a calibrated model matches PyTorch's fake
+quantization on ONNX Runtime."""
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tests.helpers import images
+from utils.quant import quantizers as quant
+from utils.quant.compat import TensorQuantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------------------------------------- ONNX
+def _producer(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto:
+    """The node that makes ``tensor``, looking through Identity nodes."""
+    node = next(n for n in graph.node if tensor in n.output)
+    return _producer(graph, node.input[0]) if node.op_type == "Identity" else node
+
+
+def test_qdq_onnx_export_matches_pytorch(calibrated, tmp_path):
+    path = tmp_path / "yolov6n_qdq.onnx"
+    x = images(1, seed=9)
+    with quant.fb_fake_quant(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values taken from tensors are expected
+        torch.onnx.export(calibrated.eval(), (x,), str(path), dynamo=False, opset_version=13,
+                          input_names=["images"], output_names=["outputs"])
+        expected = calibrated(x)
+    assert TensorQuantizer.use_fb_fake_quant is False
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 50
+    deconv = next(n for n in graph.graph.node if n.op_type == "ConvTranspose")
+    weight_dq = _producer(graph.graph, deconv.input[1])
+    assert weight_dq.op_type == "DequantizeLinear"
+    assert {a.name: a.i for a in weight_dq.attribute}.get("axis", 1) == 0
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    actual = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    assert (actual - expected).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        assert (actual - calibrated(x)).abs().max().item() <= 1e-4  # 2.1.3's own fake quant agrees too

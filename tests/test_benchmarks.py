@@ -1,0 +1,64 @@
+"""The benchmark scripts run as their --help says, on a few layers of a tiny model."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.helpers import SIZE, load_script
+from utils.cli import run_cli
+from utils.sensitivity.metrics import METHODS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYERS = ["backbone.ERBlock_2.0.rbr_reparam", "neck.Rep_p3.block.0.rbr_reparam", "detect.cls_preds.0",
+          "detect.reg_preds.1"]
+
+
+def _import_benchmark():
+    return load_script("benchmarks/sensitivity_benchmark.py")
+
+
+def test_benchmark_runs_on_a_few_layers(tiny_checkpoint, tiny_val, tmp_path, capsys):
+    bench = _import_benchmark()
+    out = tmp_path / "bench.json"
+    args = bench.get_args_parser().parse_args(
+        ["--weights", str(tiny_checkpoint), "--data", tiny_val["json"], "--images", tiny_val["images"], "--data-root",
+         tiny_val["images"], "--img-size", str(SIZE), "--max-images", "6", "--batch-size", "4", "--batch-number",
+         "2", "--proxy-images", "8", "--workers", "0", "--layers", *LAYERS, "--json", str(out),
+         "--map-reliability"])
+    result = bench.main(args)
+    saved = json.loads(out.read_text())
+    for method in METHODS:
+        for key in ("seconds_per_layer", "total_seconds", "spearman", "top5_overlap", "top10_overlap"):
+            assert key in saved[method], (method, key)
+    assert saved["map"]["spearman"] == pytest.approx(1.0) and result["map_top5_overlap"] == 4
+    assert -1.0 <= saved["map[even vs odd]"]["spearman"] <= 1.0 and saved["layer_names"] == LAYERS
+    assert "spearman" in capsys.readouterr().out
+    assert os.path.exists(out)
+
+
+def test_benchmark_makes_its_own_data_when_none_is_named(tiny_checkpoint, tmp_path, capsys):
+    bench = _import_benchmark()
+    synthetic = tmp_path / "synthetic"
+    args = bench.get_args_parser().parse_args(
+        ["--weights", str(tiny_checkpoint), "--synthetic-dir", str(synthetic), "--img-size", str(SIZE),
+         "--batch-size", "4", "--batch-number", "2", "--proxy-images", "8", "--workers", "0", "--methods", "sqnr",
+         "--layers", LAYERS[0]])
+    result = bench.main(args)
+    assert result["sqnr_seconds_per_layer"] > 0 and "spearman" not in " ".join(result)  # no map: no agreement
+    record = json.loads((synthetic / "synthetic.json").read_text())
+    assert record["settings"] == {"num_train": 8, "num_val": 200, "img_size": SIZE, "seed": 0}
+    assert len(list((synthetic / "images" / "val").iterdir())) == 200
+    stamp = (synthetic / "annotations" / "instances_val.json").stat().st_mtime_ns
+    bench.main(args)  # the second run reuses the set
+    assert (synthetic / "annotations" / "instances_val.json").stat().st_mtime_ns == stamp
+
+
+def test_benchmark_names_the_missing_data(tiny_checkpoint, tmp_path, capsys):
+    bench = _import_benchmark()
+    args = bench.get_args_parser().parse_args(["--weights", str(tiny_checkpoint), "--data", "x.json"])
+    with pytest.raises(SystemExit) as exc:
+        run_cli(bench.main, args)
+    assert exc.value.code == 2 and "--data-root is required" in capsys.readouterr().err

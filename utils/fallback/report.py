@@ -1,0 +1,46 @@
+"""The partial-quantization report: search steps, the mAP table printed at the end, the JSON summary."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from utils.fallback.rules import PartialModel
+
+
+def format_steps(steps: Sequence[dict[str, Any]]) -> str:
+    """One line per search step, for the log and the report."""
+    lines = [f"{'step':>4} {'action':<11} {'mAP50:95':>9} {'drop':>8} {'float':>5}  layer"]
+    for i, s in enumerate(steps):
+        lines.append(f"{i:>4} {s['action']:<11} {s['map']:>9.4f} {s['drop']:>8.4f} {s['float_layers']:>5}  "
+                     f"{s['layer'] or '-'}")
+    return "\n".join(lines)
+
+
+def summary(fp_map: float, ptq_map: float, partial_map: float, model: PartialModel, choice: dict[str, Any],
+            calibration: dict[str, Any], args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The partial-quantization report (mAP50:95 in PyTorch; fake quantization for PTQ and partial)."""
+    int8, total = model.counts()
+    return {"fp_map": fp_map, "ptq_map": ptq_map, "partial_map": partial_map, "ptq_drop": fp_map - ptq_map,
+            "partial_drop": fp_map - partial_map, "int8_layers": int8, "total_layers": total,
+            "float_layers": list(model.float_set), "rule": choice["rule"], "steps": choice.get("steps", []),
+            "sharing": model.sharing, "calibration": calibration, "args": args or {}}
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The table printed at the end of partial_quant.py."""
+    fp = report["fp_map"]
+    lines = []
+    if report.get("steps"):
+        lines += [format_steps(report["steps"]), ""]
+    lines += [f"{'model':<26} {'mAP50:95':>9} {'drop':>8}",
+              f"{'float (PyTorch)':<26} {fp:>9.4f} {0:>8.4f}",
+              f"{'full PTQ (fake-quant)':<26} {report['ptq_map']:>9.4f} {fp - report['ptq_map']:>8.4f}",
+              f"{'partial (fake-quant)':<26} {report['partial_map']:>9.4f} {fp - report['partial_map']:>8.4f}"]
+    if "onnx_map" in report:
+        lines.append(f"{'partial Q/DQ ONNX (ORT)':<26} {report['onnx_map']:>9.4f} {fp - report['onnx_map']:>8.4f}")
+    lines.append(f"INT8 layers {report['int8_layers']}/{report['total_layers']} ({report['rule']}); float: "
+                 f"{', '.join(report['float_layers']) or 'none'}")
+    if "onnx" in report:
+        lines.append(f"ONNX: {report['onnx']} (max |ORT - PyTorch| {report['onnx_max_abs_diff']:.3g})")
+        lines.append(f"build the TensorRT engine on a GPU machine: {report['build']}")
+    return "\n".join(lines)

@@ -1,0 +1,373 @@
+"""Calibration of the quantized model: amax from calibration images, saved and loaded with the deployed weights.
+
+Inputs are calibrated per tensor (max / percentile / entropy / mse), weights per channel by max |w|; calibrated
+checkpoints hold FP32 amax and load with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models import Checkpoint, model_from_checkpoint, save_checkpoint
+from models.checkpoint import FORMAT
+from utils.errors import InputError
+from utils.quant.compat import TensorQuantizer, calib, device_safe, quiet_library_logs
+from utils.quant.quantizers import (
+    DEFAULT_SKIP,
+    METHODS,
+    check_calib_method,
+    float_layers,
+    insert_quantizers,
+    layer_quantizers,
+    quant_layers,
+    quantize_model,
+    resolve_layers,
+    set_quantized,
+)
+
+_logger = logging.getLogger(__name__)
+
+# Replaces a zero/NaN/inf amax: positive, FP16-representable and far above the 2**-24 below which 2.1.3 treats
+# amax as zero, so PyTorch, ONNX and TensorRT agree; zero inputs and zero weights still quantize to exactly 0.
+DEAD_AMAX = 1e-4
+_ZERO_AMAX = 2.0 ** -24
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _check_calib_args(method: str, num_batches: int, percentile: float) -> None:
+    check_calib_method(method)
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise InputError(f"number of calibration batches must be a positive integer, got {num_batches!r}")
+    if method == "percentile" and not 0 < percentile <= 100:
+        raise InputError(f"percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, 99.99 or 99.999")
+
+
+def _new_calibrator(method: str, quantizer: TensorQuantizer) -> Any:
+    if method == "max":
+        return calib.MaxCalibrator(quantizer.num_bits, None, quantizer.unsigned)
+    return calib.HistogramCalibrator(quantizer.num_bits, None, quantizer.unsigned)
+
+
+@contextlib.contextmanager
+def _collecting(layers: dict[str, nn.Module], method: str) -> Iterator[None]:
+    """Within the block the model computes in float while fresh calibrators collect its layer inputs."""
+    disabled = {q: q._disabled for layer in layers.values() for q in layer_quantizers(layer)}
+    for layer in layers.values():
+        quantizer = layer.input_quantizer
+        quantizer._calibrator = _new_calibrator(method, quantizer)  # fresh statistics on every call
+        quantizer.enable()
+        quantizer.disable_quant()
+        quantizer.enable_calib()
+        if getattr(layer, "weight_quantizer", None) is not None:
+            layer.weight_quantizer.disable()
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.input_quantizer.disable_calib()
+            layer.input_quantizer.enable_quant()
+        for quantizer, was_disabled in disabled.items():
+            quantizer._disabled = was_disabled
+
+
+def _batch_images(batch: Any) -> torch.Tensor:
+    """The readable images of a batch: a collate_detection dict (items with ok=False left out) or a tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    images = batch["image"]
+    ok = batch.get("ok")
+    return images if ok is None else images[torch.as_tensor(ok, dtype=torch.bool)]
+
+
+@torch.no_grad()
+def _feed(model: nn.Module, loader: Iterable[Any], num_batches: int, device: torch.device) -> tuple[int, int]:
+    """Run the first ``num_batches`` batches through ``model``; returns (batches, images) used."""
+    batches = images = 0
+    for batch in tqdm(itertools.islice(loader, num_batches), total=num_batches, desc="calibrate", unit="batch",
+                      file=sys.stderr, leave=False):
+        x = _batch_images(batch)
+        batches += 1
+        if len(x):
+            model(x.to(device))
+            images += len(x)
+    return batches, images
+
+
+def _weight_amax(layer: nn.Module) -> torch.Tensor:
+    """Per-channel max |w| along the weight quantizer's axis (0: Conv2d output, ConvTranspose2d input channels),
+    shaped to broadcast over the weight."""
+    axis = layer.weight_quantizer.axis[0]
+    dims = [d for d in range(layer.weight.dim()) if d != axis]
+    return layer.weight.detach().abs().amax(dim=dims, keepdim=True).float()
+
+
+def _load_amax(layers: dict[str, nn.Module], method: str, percentile: float) -> None:
+    """Inputs: amax from the calibrators (NaN where a layer saw no data); weights: per-channel max."""
+    args = () if method == "max" else (method,)
+    kwargs = {"percentile": percentile} if method == "percentile" else {}
+    for layer in layers.values():
+        quantizer = layer.input_quantizer
+        if hasattr(quantizer, "_amax"):
+            del quantizer._amax  # re-created: max gives shape [1,1,1,1], histograms a scalar
+        quantizer.load_calib_amax(*args, strict=False, **kwargs)
+        quantizer._calibrator.reset()  # drop histograms (up to MBs per layer)
+        if getattr(layer, "weight_quantizer", None) is not None:
+            layer.weight_quantizer.register_buffer("_amax", _weight_amax(layer))
+
+
+def _replace_dead(amax: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``amax`` with zero/NaN/inf values (and those 2.1.3 treats as zero) set to DEAD_AMAX; how many were."""
+    dead = ~torch.isfinite(amax) | (amax <= _ZERO_AMAX)
+    return torch.where(dead, torch.full_like(amax, DEAD_AMAX), amax), int(dead.sum())
+
+
+def _finalize_amax(model: nn.Module, device: torch.device) -> dict[str, int]:
+    """Every amax to FP32 on ``device``; zero/NaN/inf values (dead channels, unused layers) to DEAD_AMAX.
+
+    Returns quantizer path -> number of values replaced (only where any were).
+    """
+    replaced = {}
+    for name, quantizer in model.named_modules():
+        if not isinstance(quantizer, TensorQuantizer) or not hasattr(quantizer, "_amax"):
+            continue
+        amax, dead = _replace_dead(quantizer._amax.detach().float().to(device))
+        if dead:
+            replaced[name] = dead
+        quantizer.register_buffer("_amax", amax)
+    return replaced
+
+
+def _warn_dead(replaced: dict[str, int], model: nn.Module) -> None:
+    if not replaced:
+        return
+    sizes = {name: q._amax.numel() for name, q in model.named_modules() if name in replaced}
+    listed = ", ".join(f"{name} ({n} of {sizes[name]})" for name, n in list(replaced.items())[:10])
+    more = f" and {len(replaced) - 10} more" if len(replaced) > 10 else ""
+    _logger.warning("zero, NaN or infinite amax (dead channels, or layers that saw no calibration data) set to %g "
+                    "so outputs stay finite: %s%s", DEAD_AMAX, listed, more)
+
+
+def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method: str = "max",
+              percentile: float = 99.99, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Set every quantizer's amax from the first ``num_batches`` batches of ``loader`` (in place, deterministic).
+
+    Inputs are calibrated per tensor by ``method``: ``max`` (max calibrator) or ``percentile`` / ``entropy`` /
+    ``mse`` (histograms); weights per channel (axis 0) by max |w|. On/off states are kept; calibration runs in float.
+
+    Args:
+        loader: batches as ``collate_detection`` makes them (items with ``ok`` False are left out) or image tensors.
+        device: where the model runs (moved there); None keeps the model's device.
+
+    Returns:
+        A summary (method, percentile, batches, images, dead amax count), also kept as ``model.quant_calib``.
+    """
+    _check_calib_args(method, num_batches, percentile)
+    layers = resolve_layers(model, None)
+    device = torch.device(device) if device is not None else _model_device(model)
+    if isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler):
+        _logger.warning("the calibration loader shuffles: amax will differ from run to run; use shuffle=False")
+    was_training = model.training
+    model.to(device).eval()
+    with quiet_library_logs(), device_safe(device):
+        with _collecting(layers, method):
+            batches, images = _feed(model, loader, num_batches, device)
+        if images == 0:
+            raise InputError(f"no readable image in the first {num_batches} calibration batches: check the "
+                             "calibration images")
+        _load_amax(layers, method, percentile)
+    replaced = _finalize_amax(model, device)
+    _warn_dead(replaced, model)
+    model.train(was_training)
+    if batches < num_batches:
+        _logger.warning("calibration used all %d batches the loader has (%d requested)", batches, num_batches)
+    summary = {"method": method, "batches": batches, "images": images, "dead_amax": sum(replaced.values())}
+    if method == "percentile":
+        summary["percentile"] = float(percentile)
+    model.quant_calib = summary
+    _logger.info("calibrated %d layers (%s) on %d images", len(layers), method, images)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- save / load
+def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every calibrated quantizer's amax as an FP32 CPU tensor, keyed by the quantizer's module path."""
+    return {name: q._amax.detach().float().cpu().clone() for name, q in model.named_modules()
+            if isinstance(q, TensorQuantizer) and hasattr(q, "_amax")}
+
+
+def _quantizer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+
+
+class _FloatView:
+    """What save_checkpoint reads from a model (``config``, ``state_dict()``), without the quantizer buffers."""
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(getattr(model, "config", None), dict):
+            raise TypeError("save_calibrated needs a YOLOv6 model (models.Model, with its config)")
+        self.config = model.config
+        self._state = {k: v for k, v in model.state_dict().items() if not k.endswith("._amax")}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def save_calibrated(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
+    """Write the deployed weights, config, every amax and the calibration settings (``torch.load``-able with
+    ``weights_only=True``); the file loads back with ``load_calibrated``."""
+    state = quantizer_state(model)
+    missing = [name for name in _quantizer_names(model) if name not in state]
+    if not state or missing:
+        raise InputError(f"{len(missing)} quantizers have no amax (e.g. {missing[:3]}): calibrate the model before "
+                         "saving it")
+    settings = dict(getattr(model, "quant_settings", {}))
+    extra = {"quantizers": state, "calib": dict(getattr(model, "quant_calib", {})),
+             "quant": {"skip": list(settings.get("skip", DEFAULT_SKIP)), "num_bits": int(settings.get("num_bits", 8)),
+                       "float_layers": float_layers(model)}}
+    return save_checkpoint(path, _FloatView(model), deployed=True, meta=meta, extra=extra)
+
+
+def _read_calibrated(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"calibrated checkpoint {path} not found; write one with save_calibrated() after calibrating")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever fails here, the file is not one of ours
+        raise InputError(f"{path} is not a calibrated checkpoint of this toolkit ({type(exc).__name__}); pass a file "
+                         "written by save_calibrated()") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("quantizers"), dict):
+        raise InputError(f"{path} holds no quantizer state: pass a checkpoint written by save_calibrated() (a float "
+                         "checkpoint must be calibrated first)")
+    return raw
+
+
+def is_calibrated_file(path: str | Path) -> bool:
+    """Whether ``path`` is a calibrated checkpoint written by ``save_calibrated`` (any other file: False)."""
+    try:
+        _read_calibrated(path)
+    except InputError:
+        return False
+    return True
+
+
+def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Quantizer names, amax shapes and weight amax must be this model's, or the state is another model's."""
+    names = set(_quantizer_names(model))
+    extra, missing = sorted(set(state) - names), sorted(names - set(state))
+    problem = ""
+    if extra or missing:
+        problem = f"{len(extra)} of its quantizers are not in this model (e.g. {extra[:2]}), {len(missing)} of " \
+                  f"this model's have no amax there (e.g. {missing[:2]})"
+    else:
+        for name, layer in quant_layers(model).items():
+            if state[f"{name}._input_quantizer"].numel() != 1:
+                problem = f"{name} has a per-channel input amax"
+            elif getattr(layer, "weight_quantizer", None) is not None:
+                expected, _ = _replace_dead(_weight_amax(layer))
+                saved = state[f"{name}._weight_quantizer"]
+                if saved.shape != expected.shape or not torch.allclose(saved.to(expected), expected, rtol=1e-5):
+                    problem = f"the weight amax of {name} does not fit this model's weights"
+            if problem:
+                break
+    if problem:
+        raise InputError(f"{source} was calibrated for another model: {problem}. Calibrate this model, or load the "
+                         "weights the calibration was made for")
+
+
+def load_quantizers(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load amax (a calibrated checkpoint or a ``quantizer_state`` dict) into the quantized ``model`` (in place).
+
+    Raises:
+        InputError: the state belongs to another model (other layers, shapes or weights).
+    """
+    what = "the quantizer state"
+    if not isinstance(source, Mapping):
+        raw = _read_calibrated(source)
+        what, source = f"{source} (config {raw['config'].get('name', '?')!r})", raw["quantizers"]
+    resolve_layers(model, None)
+    _check_state_fits(model, source, what)
+    for quantizer in model.modules():
+        if isinstance(quantizer, TensorQuantizer) and hasattr(quantizer, "_amax"):
+            del quantizer._amax  # shapes may differ from an earlier calibration ([1,1,1,1] vs scalar)
+    device = _model_device(model)
+    with device_safe(device), quiet_library_logs():
+        model.load_state_dict({f"{name}._amax": t for name, t in source.items()}, strict=False)
+    return model
+
+
+def load_calibrated(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The quantized, calibrated deployed model a ``save_calibrated`` file describes (eval mode, on ``device``)."""
+    raw = _read_calibrated(path)
+    ckpt = Checkpoint(dict(raw["state_dict"]), raw["config"], "ours", bool(raw.get("deployed")),
+                      dict(raw.get("meta") or {}))
+    model = model_from_checkpoint(ckpt, path)
+    settings = raw.get("quant") or {}
+    calib_info = dict(raw.get("calib") or {})
+    insert_quantizers(model, tuple(settings.get("skip", DEFAULT_SKIP)), calib_info.get("method", "max"),
+                       int(settings.get("num_bits", 8)))
+    load_quantizers(model, raw["quantizers"])
+    disabled = [name for name in settings.get("float_layers", []) if name in quant_layers(model)]
+    if disabled:
+        set_quantized(model, disabled, False)
+    model.quant_calib = calib_info
+    return model.to(torch.device(device)).eval()
+
+
+# -------------------------------------------------------------------------------------------- calibrated model
+def amax_sha256(model: nn.Module) -> str:
+    """A hash of every quantizer's amax (names, shapes and FP32 values): identifies a calibration."""
+    digest = hashlib.sha256()
+    for name, amax in sorted(quantizer_state(model).items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(amax.shape)).encode())
+        digest.update(amax.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = None, loader: Any = None,
+                     batch_number: int = 1, calib_method: str | None = None, percentile: float = 99.99,
+                     device: str | torch.device = "cpu", num_bits: int = 8) -> tuple[nn.Module, dict[str, Any]]:
+    """The quantized copy of the deployed float ``model``, calibrated here or loaded from ``calib_weights``.
+
+    Returns (quantized model on ``device``, calibration record: method (+ percentile), source, amax_sha256).
+
+    Raises:
+        InputError: ``calib_weights`` belongs to another model, or its method differs from ``calib_method``.
+    """
+    if calib_method is not None and calib_method not in METHODS:
+        raise InputError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(METHODS)}")
+    qmodel = quantize_model(model, calib_method=calib_method or "max", num_bits=num_bits)
+    if calib_weights is not None:
+        load_quantizers(qmodel, calib_weights)
+        info = dict(load_calibrated(calib_weights).quant_calib)
+        if calib_method is not None and info.get("method") not in (None, calib_method):
+            raise InputError(f"--calib-weights {calib_weights} was calibrated with {info.get('method')!r} but "
+                             f"--calib-method is {calib_method!r}: drop --calib-method or recalibrate")
+        record = {"method": info.get("method", "?"), "source": str(calib_weights)}
+        if "percentile" in info:
+            record["percentile"] = info["percentile"]
+    else:
+        if loader is None:
+            raise InputError("no calibration data: pass --data-root with calibration images or --calib-weights")
+        summary = calibrate(qmodel, loader, batch_number, method=calib_method or "max", percentile=percentile,
+                                  device=device)
+        record = {k: summary[k] for k in ("method", "percentile") if k in summary}
+        record.update(source="calibrated", images=summary["images"], dead_amax=summary["dead_amax"])
+    record["amax_sha256"] = amax_sha256(qmodel)
+    return qmodel.to(torch.device(device)).eval(), record

@@ -1,0 +1,159 @@
+"""Probes: a layer name in, its sensitivity values out (``map``: COCO mAP; ``sqnr``/``cosine``/``mse``: proxies).
+
+Each probe quantizes the one layer it is asked about (all others in float) and measures the model; ``baselines()``
+gives the float and / or full-PTQ values the per-layer ones are read against.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from utils.data.coco import CocoDetection
+from utils.errors import InputError
+from utils.inference.evaluate import evaluate
+from utils.inference.runners import TorchRunner
+from utils.quant import quantizers as quant
+from utils.sensitivity.metrics import PROXY_METHODS, DetectionError
+from utils.sensitivity.reuse import ForwardReuse
+
+_logger = logging.getLogger(__name__)
+
+
+def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
+    """Quantized layer names in model order, restricted to those matching any name or glob in ``patterns``."""
+    names = list(quant.quant_layers(model))
+    if not patterns:
+        return names
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise InputError(f"--layers {unmatched[0]!r} matches no quantized layer; names look like {names[:3]} "
+                         f"(globs such as 'detect.*' work)")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+
+def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
+    parts = name.split(".")
+    return [model] + [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+
+
+def _result(metrics: dict[str, Any]) -> dict[str, float]:
+    return {"mAP50": float(metrics["mAP50"]), "mAP50_95": float(metrics["mAP50_95"])}
+
+
+class MapProbe:
+    """COCO mAP with one layer quantized (YOLOv6's evaluation recipe, ``utils.inference.evaluate.evaluate``)."""
+
+    method = "map"
+
+    def __init__(self, model: nn.Module, dataset: CocoDetection, batch_size: int = 8, workers: int = 2,
+                 device: str | torch.device = "cpu"):
+        self.model, self.dataset = model, dataset
+        self.batch_size, self.workers = batch_size, workers
+        self.runner = TorchRunner(model, device)
+
+    def _evaluate(self) -> dict[str, float]:
+        return _result(evaluate(self.runner, self.dataset, batch_size=self.batch_size, workers=self.workers,
+                                progress=False))
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """mAP in float (every quantizer off) and with full PTQ (every quantizer on)."""
+        quant.disable_all(self.model)
+        fp = self._evaluate()
+        quant.enable_all(self.model)
+        return {"fp": fp, "ptq": self._evaluate()}
+
+    def __call__(self, layer: str) -> dict[str, float]:
+        quant.quantize_only(self.model, [layer])
+        return self._evaluate()
+
+
+class ProxyProbe:
+    """Label-free proxy (``sqnr``, ``cosine`` or ``mse``) of one quantized layer's effect on the outputs."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], method: str,
+                 device: str | torch.device = "cpu", reuse: bool = True, layers: Sequence[str] | None = None,
+                 reuse_max_bytes: int = 4 << 30):
+        if method not in PROXY_METHODS:
+            raise InputError(f"unknown proxy {method!r}; choose one of {', '.join(PROXY_METHODS)}")
+        if not batches:
+            raise InputError("no images for the proxy: pass a calibration folder with images")
+        self.method, self.device = method, torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.batches = [b.to(self.device) for b in batches]
+        self.reuse = ForwardReuse(self.model, layers, reuse_max_bytes) if reuse else None
+        self._checked = False
+        self._refs: list[tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+
+    @contextlib.contextmanager
+    def _capture_neck(self) -> Iterator[list[Any]]:
+        captured: list[Any] = []
+        neck = getattr(self.model, "neck", None)
+        handle = None if neck is None else neck.register_forward_hook(lambda m, i, o: captured.append(list(o)))
+        try:
+            yield captured
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with self._capture_neck() as captured:
+            out = self.model(x)
+        return out, (captured[-1] if captured else [])
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Run the float model once over the images: reference outputs (and recorded calls for reuse)."""
+        if self._refs is not None:
+            return
+        quant.disable_all(self.model)
+        self._refs = []
+        for x in tqdm(self.batches, desc="float reference", unit="batch", file=sys.stderr, leave=False):
+            with self._capture_neck() as captured:
+                out = self.reuse.record(x) if self.reuse is not None else self.model(x)
+            self._refs.append((out, captured[-1] if captured else []))
+
+    def _measure(self, changed: list[nn.Module] | None) -> dict[str, float]:
+        error = DetectionError()
+        for b, (x, (ref, ref_feats)) in enumerate(zip(self.batches, self._refs, strict=True)):
+            if changed is not None and self.reuse is not None:
+                with self.reuse.reuse(b, changed):
+                    out, feats = self._forward(x)
+                if not self._checked:
+                    out, feats = self._check_reuse(x, out, feats)
+            else:
+                out, feats = self._forward(x)
+            error.update(ref, out, ref_feats, feats)
+        return error.values(self.method)
+
+    def _check_reuse(self, x: torch.Tensor, out: torch.Tensor,
+                     feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Once: the reused forward pass must give the full pass's output, else reuse is turned off."""
+        self._checked = True
+        full, full_feats = self._forward(x)
+        if torch.allclose(out, full, rtol=1e-4, atol=1e-4 * float(full.abs().max().clamp(min=1.0))):
+            return out, feats
+        _logger.warning("reusing float sub-module outputs changed the result (max diff %.3g): turned off",
+                        float((out - full).abs().max()))
+        self.reuse = None
+        return full, full_feats
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """The proxy with full PTQ (every quantizer on); the float baseline is exact by definition."""
+        self.prepare()
+        quant.enable_all(self.model)
+        return {"ptq": self._measure(None)}
+
+    def __call__(self, layer: str) -> dict[str, float]:
+        self.prepare()
+        quant.quantize_only(self.model, [layer])
+        return self._measure(_ancestors(self.model, layer))
