@@ -1,0 +1,1 @@
+"""Data: COCO-format datasets, letterbox pre-processing, calibration image sets, the synthetic generator."""

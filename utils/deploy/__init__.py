@@ -1,0 +1,1 @@
+"""Deployment: ONNX export and verification, ONNX graph edits, TensorRT engine layer reports."""

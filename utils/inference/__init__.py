@@ -1,0 +1,1 @@
+"""Inference: runners (PyTorch, ONNX Runtime, TensorRT), decode + NMS, COCO evaluation."""

@@ -1,0 +1,1 @@
+"""Fake-quant INT8 with pytorch-quantization: quantizer insertion, calibration, amax sharing."""
