@@ -6,6 +6,9 @@ indices 0..K inclusive are quantized, i.e. K+1 layers) or --target-drop D (autom
 mAP drop is <= D, then a revert pass). Input amax are shared where TensorRT needs one scale (Concat, MaxPool, convs
 reading one tensor; traced from the model). Prints FP / full-PTQ / partial mAP, writes partial.pt, the Q/DQ ONNX
 (verified on ONNX Runtime against PyTorch) and partial_quant.json in --output-dir.
+
+--target-drop chooses layers by re-measuring mAP: give it its own labelled images (--search-data/--search-images,
+e.g. training images) so that the mAP reported on --data/--images is not tuned to the report set.
 """
 from __future__ import annotations
 
@@ -77,6 +80,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     fb.add_argument("--max-float-layers", type=non_negative_int, default=None, metavar="N",
                     help="--target-drop: at most N float layers (default: the whole ranking)")
     fb.add_argument("--no-revert", action="store_true", help="--target-drop: skip the revert pass")
+    fb.add_argument("--search-data", default=None, metavar="JSON",
+                    help="--target-drop: COCO annotations the search measures on (default: --data, which makes the "
+                         "reported mAP optimistic)")
+    fb.add_argument("--search-images", default=None, metavar="DIR", help="images of --search-data")
+    fb.add_argument("--search-max-images", type=positive_int, default=None, metavar="N",
+                    help="--target-drop: search on the first N images of the search set only")
     ex = parser.add_argument_group("export")
     ex.add_argument("--export-batch-size", type=positive_int, default=None, metavar="N",
                     help="fixed batch of the ONNX (default: dynamic batch)")
@@ -109,6 +118,29 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--max-float-layers applies to --target-drop only")
     if not args.calib_weights and not args.data_root:
         raise InputError("pass --data-root DIR with calibration images, or --calib-weights FILE")
+    if (args.search_data is None) != (args.search_images is None):
+        raise InputError("pass --search-data and --search-images together (annotations and their image folder)")
+    if args.target_drop is None and (args.search_data or args.search_max_images):
+        raise InputError("--search-data / --search-max-images apply to --target-drop only")
+
+
+def search_set(args: argparse.Namespace, report_set: CocoDetection) -> CocoDetection:
+    """The labelled images the --target-drop search measures on: its own set, or (with a warning) the report set."""
+    if args.search_data is not None:
+        return CocoDetection(args.search_data, args.search_images, img_size=args.img_size,
+                             max_images=args.search_max_images)
+    if args.target_drop is not None:
+        _logger.warning("--target-drop searches on the report set (--data): the partial mAP it reports is optimistic; "
+                        "pass --search-data/--search-images (e.g. labelled training images) to keep them apart")
+    if args.search_max_images is not None:
+        return CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.search_max_images)
+    return report_set
+
+
+def search_record(args: argparse.Namespace, dataset: CocoDetection, same: bool, maps: dict[str, float]) -> dict:
+    """Where the search measured, and what it saw there (partial_quant.json's "search")."""
+    return {"data": str(args.search_data or args.data), "images": str(args.search_images or args.images),
+            "num_images": len(dataset), "same_as_report": same, **maps}
 
 
 def calibrated(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -137,42 +169,48 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     paths = output_paths(args)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
+    report_set = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
+    searching = search_set(args, report_set)
     qmodel, calib = calibrated(args, device)
     model = PartialModel(qmodel)
     order = read_ranking(args.sensitivity_file)
     check_ranking(order, model.layers, str(args.sensitivity_file))
 
-    def measure(float_layers: list[str]) -> float:
+    def measure(float_layers: list[str], dataset: CocoDetection = searching) -> float:
         model.set_float(float_layers)
         return evaluate(TorchRunner(qmodel, device), dataset, args.batch_size, args.workers,
                         progress=not args.no_progress)["mAP50_95"]
 
-    fp_map = measure(list(model.layers))
-    ptq_map = measure([])
+    fp_map, ptq_map = measure(list(model.layers), report_set), measure([], report_set)
     _logger.info("FP mAP50:95 %.4f, full PTQ %.4f (drop %.4f)", fp_map, ptq_map, fp_map - ptq_map)
+    same = searching is report_set
+    search_maps = {"fp_map": fp_map, "ptq_map": ptq_map}
+    if args.target_drop is not None and not same:
+        search_maps = {"fp_map": measure(list(model.layers)), "ptq_map": measure([])}
+        _logger.info("search set: FP mAP50:95 %.4f, full PTQ %.4f", search_maps["fp_map"], search_maps["ptq_map"])
     choice = choose_float_layers(
         model, order, skip_layers=args.skip_layers, quant_boundary=args.quant_boundary, target_drop=args.target_drop,
-        measure=measure, fp_map=fp_map, max_float=args.max_float_layers, revert=not args.no_revert,
+        measure=measure, fp_map=search_maps["fp_map"], max_float=args.max_float_layers, revert=not args.no_revert,
         on_step=lambda s: _logger.info("%-11s %-55s mAP50:95 %.4f drop %.4f (%d float)", s["action"], s["layer"] or "-",
                                        s["map"], s["drop"], s["float_layers"]))
-    if "map" in choice:  # the search measured its final float set already
-        model.set_float(choice["float_layers"])
-        partial_map = choice["map"]
-    else:
-        partial_map = measure(choice["float_layers"])
+    if "map" in choice:  # the search measured its final float set already (on the search set)
+        search_maps["partial_map"] = choice["map"]
+    partial_map = choice["map"] if "map" in choice and same else measure(choice["float_layers"], report_set)
+    model.set_float(choice["float_layers"])
     calibration.save_calibrated(paths["checkpoint"], qmodel,
                                 meta={"weights": str(args.weights), "rule": choice["rule"]})
     report = summary(fp_map, ptq_map, partial_map, model, choice, calib, args_dict(args))
+    if args.target_drop is not None:
+        report["search"] = search_record(args, searching, same, search_maps)
     if not args.no_export:
         report.update(export_partial(args, qmodel, paths))
         if args.eval_onnx:
-            report["onnx_map"] = evaluate(OnnxRuntimeRunner(paths["onnx"]), dataset, args.batch_size, args.workers,
+            report["onnx_map"] = evaluate(OnnxRuntimeRunner(paths["onnx"]), report_set, args.batch_size, args.workers,
                                           progress=not args.no_progress)["mAP50_95"]
     report.update(checkpoint=str(paths["checkpoint"]), seconds=round(time.perf_counter() - start, 2))
     write_json(paths["report"], report)
     print(format_summary(report))
-    return {k: v for k, v in report.items() if k not in ("steps", "sharing", "args")}
+    return {k: v for k, v in report.items() if k not in ("steps", "sharing", "args", "search")}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Per-layer INT8 sensitivity of a YOLOv6 model: quantize each layer alone and rank the layers (most sensitive first).
 
 --method map measures COCO mAP on --data/--images (YOLOv6's tools/partial_quantization); sqnr / cosine / mse are
-label-free proxies on the calibration images (see utils/sensitivity.py). Progress is saved after every layer:
+label-free proxies on the calibration images (see utils/sensitivity/metrics.py). Progress is saved after every layer:
 --resume continues an interrupted run, --shard K/N splits the layers over N processes and --merge joins them.
 """
 from __future__ import annotations

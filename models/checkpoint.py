@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import copy
 import logging
 import pickle
 import re
@@ -171,9 +172,32 @@ def _infer_block(sd: dict[str, torch.Tensor], classes: dict[str, str]) -> str:
     raise KeyError("backbone.stem")
 
 
+def _infer_lite_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A YOLOv6Lite config from its state_dict: the shipped config whose widths and depths it has, else 'custom'
+    (exact per-stage widths cannot be written back into a width multiple, so unknown widths are refused)."""
+    repeats = [1 + max(int(k.split(".")[2]) for k in sd if k.startswith(f"backbone.lite_effiblock_{i}."))
+               for i in range(1, 5)]
+    stages = ["backbone.conv_0"] + [f"backbone.lite_effiblock_{i}.0.conv_pw_3" for i in range(1, 5)]
+    widths = [_out_channels(sd, m) for m in stages]
+    unified = _out_channels(sd, "neck.reduce_layer0")
+    num_classes = int(sd["detect.cls_preds.0.weight"].shape[0])
+    for name in available_configs():
+        known = load_config(name)
+        if known["layout"] != "lite":
+            continue
+        channels, known_repeats = resolve_config(known)
+        if channels[:5] == widths and channels[-1] == unified and known_repeats == repeats:
+            config = copy.deepcopy(known)
+            config["num_classes"] = num_classes
+            return config
+    raise KeyError("a shipped YOLOv6Lite width (lite widths " + str(widths) + ")")
+
+
 def infer_config(sd: dict[str, torch.Tensor], classes: dict[str, str] | None = None) -> dict[str, Any]:
     """Config (layout, block, widths, depths, head, classes) of a YOLOv6 state_dict, from its keys and shapes."""
     classes = classes or {}
+    if any(k.startswith("backbone.lite_effiblock_1.") for k in sd):
+        return _infer_lite_config(sd)
     layout = "v2" if any(k.startswith("neck.upsample0.") for k in sd) else "v3"
     csp = any(k.startswith("backbone.ERBlock_2.1.cv1.") for k in sd)
     block = _infer_block(sd, classes)
@@ -270,6 +294,18 @@ def _official_checkpoint(path: Path, obj: dict[str, Any]) -> Checkpoint:
     return Checkpoint(sd, config, "official", deployed=False, meta=meta)
 
 
+def _fused_checkpoint(path: Path, obj: dict[str, Any]) -> Checkpoint:
+    """A state_dict in YOLOv6's names with every Conv+BN folded (``{"state_dict", "form": "fused", "model"}``)."""
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+    try:
+        config = infer_config(sd)
+    except (KeyError, IndexError) as exc:
+        raise InputError(f"{path}: a fused state_dict of an unknown YOLOv6 layout (no {exc} found); supported: "
+                         f"{available_configs()}") from None
+    meta = {k: str(obj[k]) for k in ("model", "source") if k in obj}
+    return Checkpoint(sd, config, "fused", deployed=True, meta=meta)
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a YOLOv6 release file or one of ours, safely. Bad files raise InputError with what to do."""
     path = Path(path)
@@ -281,6 +317,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                           dict(obj.get("meta") or {}))
     if isinstance(obj, dict) and isinstance(obj.get("ema") or obj.get("model"), InertRecord):
         return _official_checkpoint(path, obj)
+    if isinstance(obj, dict) and obj.get("form") == "fused" and isinstance(obj.get("state_dict"), dict):
+        return _fused_checkpoint(path, obj)
     raise InputError(f"{path} is a PyTorch file but not a YOLOv6 checkpoint: it holds {_describe_unknown(obj)}; "
                      "expected a YOLOv6 release .pt (with a 'model' entry) or a checkpoint written by this toolkit")
 

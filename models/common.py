@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, None: None}
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, None: None}
 
 
 class ConvModule(nn.Module):

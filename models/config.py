@@ -11,7 +11,7 @@ import yaml
 from utils.errors import InputError
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-LAYOUTS = ("v2", "v3")
+LAYOUTS = ("v2", "v3", "lite")
 
 
 def available_configs(config_dir: Path = DEFAULT_CONFIG_DIR) -> list[str]:
@@ -53,6 +53,11 @@ def resolve_config(config: dict[str, Any]) -> tuple[list[int], list[int]]:
 
     Explicit ``channels_list`` / ``num_repeats_list`` (written by checkpoint inference) take precedence.
     """
+    if config["layout"] == "lite":
+        from models.lite import lite_channels  # lite scales widths its own way and has no neck repeats
+
+        out, _, neck_in = lite_channels(config)
+        return out + neck_in + [int(config["neck"]["unified_channels"])], list(config["backbone"]["num_repeats"])
     base_repeats = config["backbone"]["num_repeats"] + config["neck"]["num_repeats"]
     base_channels = config["backbone"]["out_channels"] + config["neck"]["out_channels"]
     depth, width = config.get("depth_multiple", 1.0), config.get("width_multiple", 1.0)

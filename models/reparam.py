@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import ConvModule, QARepVGGBlock, RealVGGBlock, RepVGGBlock
+from models.lite import DPBlock
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +98,14 @@ def _fold_bn_in_place(module: ConvModule | RealVGGBlock) -> None:
         module.bn = None
 
 
+def _fold_dp_block(block: DPBlock) -> None:
+    """Both of a DPBlock's BNs into its convs (YOLOv6's own fuse_model leaves them: the deployed graph needs none)."""
+    if block.bn_1 is not None:
+        block.conv_dw_1, block.bn_1 = fuse_conv_bn(block.conv_dw_1, block.bn_1), None
+    if block.bn_2 is not None:
+        block.conv_pw_1, block.bn_2 = fuse_conv_bn(block.conv_pw_1, block.bn_2), None
+
+
 def reparameterize(model: nn.Module) -> nn.Module:
     """Turn ``model`` into its deployed form in place (idempotent) and return it in eval mode."""
     model.eval()
@@ -107,6 +116,8 @@ def reparameterize(model: nn.Module) -> nn.Module:
         for m in list(model.modules()):
             if isinstance(m, (ConvModule, RealVGGBlock)):
                 _fold_bn_in_place(m)
+            elif isinstance(m, DPBlock):
+                _fold_dp_block(m)
     return model
 
 

@@ -10,7 +10,9 @@ from models.common import CSPSPPF, SPPF, Conv, ConvBNSiLU, SimCSPSPPF, SimSPPF, 
 from models.config import resolve_config, validate_config
 from models.efficientrep import CSPBepBackbone, EfficientRep
 from models.effidehead import Detect
+from models.lite import build_lite_network
 from models.reppan import CSPRepBiFPANNeck, RepBiFPANNeck, RepPANNeck
+from utils.errors import InputError
 
 BACKBONES = {"EfficientRep": EfficientRep, "CSPBepBackbone": CSPBepBackbone}
 NECKS = {"RepPANNeck": RepPANNeck, "RepBiFPANNeck": RepBiFPANNeck, "CSPRepBiFPANNeck": CSPRepBiFPANNeck}
@@ -38,7 +40,22 @@ class Model(nn.Module):
     def names(self) -> list[str]:
         return self.config.get("names") or [str(i) for i in range(self.config["num_classes"])]
 
+    @property
+    def max_stride(self) -> int:
+        """The largest head stride: input sides must be multiples of it (32; 64 for YOLOv6Lite)."""
+        return int(self.detect.stride.max())
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """InputError naming the sizes that work when ``height`` x ``width`` is not a multiple of the stride."""
+        stride = self.max_stride
+        if height % stride or width % stride:
+            side = max(height, width)
+            lower, upper = max(stride, side // stride * stride), (side // stride + 1) * stride
+            raise InputError(f"{self.config.get('name', 'this model')} has stride {stride}: image sides must be "
+                             f"multiples of {stride}, got {height}x{width}; use --img-size {lower} or {upper}")
+
     def forward(self, x: torch.Tensor):
+        self.check_input_size(int(x.shape[-2]), int(x.shape[-1]))
         return self.detect(self.neck(self.backbone(x)))
 
 
@@ -51,7 +68,9 @@ def _channel_merge(config: dict[str, Any], silu: bool) -> type[nn.Module]:
     return SPPF if silu else SimSPPF
 
 
-def _build_network(config: dict[str, Any]) -> tuple[nn.Module, nn.Module, Detect]:
+def _build_network(config: dict[str, Any]) -> tuple[nn.Module, nn.Module, nn.Module]:
+    if config["layout"] == "lite":
+        return build_lite_network(config)
     channels, repeats = resolve_config(config)
     block = get_block(config["block"])
     bb_cfg, neck_cfg, head_cfg = config["backbone"], config["neck"], config["head"]

@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 from torch import nn
 
@@ -14,6 +15,7 @@ from utils.data.calibration import calibration_loader
 from utils.quant.calibration import calibrated_model
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 SIZE = 64  # image size of the quantization / sensitivity unit tests
 
 
@@ -82,3 +84,10 @@ def load_script(relative_path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def shared_fixture(path: Path) -> Path:
+    """``path`` (under ../shared/fixtures), failing the test (not skipping it) when the shared folder is missing."""
+    if not Path(path).exists():
+        pytest.fail(f"shared fixture {path} not found: clone the repository with ../shared beside it")
+    return Path(path)

@@ -15,7 +15,10 @@ from onnx import numpy_helper
 import export_onnx
 import partial_quant
 from utils.cli import run_cli
+from utils.data.coco import CocoDetection
 from utils.data.synthetic import generate_synthetic_coco
+from utils.inference.evaluate import evaluate
+from utils.inference.runners import TorchRunner
 from utils.quant import calibration
 from utils.quant import quantizers as quant
 
@@ -37,7 +40,7 @@ def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("data")
     info = generate_synthetic_coco(root, num_train=16, num_val=12, img_size=SIZE, seed=5)
     return {"json": str(info["val"]["ann_file"]), "images": str(info["val"]["img_dir"]),
-            "train": str(info["train"]["img_dir"])}
+            "train": str(info["train"]["img_dir"]), "train_json": str(info["train"]["ann_file"])}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,27 @@ def test_partial_quant_target_drop_and_boundary(data, ranking, tmp_path):
     assert boundary["int8_layers"] == 10  # indices 0..9 of the least-to-most sensitive list
 
 
+@pytest.mark.slow
+def test_target_drop_searches_on_its_own_set_and_reports_on_the_other(data, ranking, tmp_path, caplog):
+    out = tmp_path / "split"
+    result = _run(_argv(data, ranking, out, "--target-drop", "0.5", "--no-export",
+                        "--search-data", data["train_json"], "--search-images", data["train"]))
+    report = json.loads((out / "partial_quant.json").read_text())
+    search = report["search"]
+    assert not search["same_as_report"] and search["num_images"] == 16 and search["images"] == data["train"]
+    assert report["steps"][0]["map"] == search["ptq_map"] and search["fp_map"] != report["fp_map"]
+    # the reported partial mAP is that of the saved model on the report set, measured independently here
+    model = calibration.load_calibrated(out / "partial.pt")
+    dataset = CocoDetection(data["json"], data["images"], img_size=SIZE)
+    independent = evaluate(TorchRunner(model), dataset, batch_size=8, workers=0, progress=False)["mAP50_95"]
+    assert result["partial_map"] == independent
+    assert "optimistic" not in caplog.text
+    same = _run(_argv(data, ranking, tmp_path / "same", "--target-drop", "0.5", "--no-export",
+                      "--calib-weights", str(out / "partial.pt")))
+    assert json.loads((tmp_path / "same" / "partial_quant.json").read_text())["search"]["same_as_report"]
+    assert "optimistic" in caplog.text and same["partial_map"] == same["ptq_map"]  # 0.5: full PTQ is within budget
+
+
 def _exit_2(main, argv, capsys) -> str:
     module = partial_quant if main is partial_quant.main else export_onnx
     with pytest.raises(SystemExit) as exc:
@@ -132,6 +156,11 @@ def test_bad_inputs_exit_2(data, ranking, tmp_path, capsys):
     assert "out of range" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--skip-layers", "999"), capsys)
     assert "out of range" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--quant-boundary", "72"), capsys)
     assert "between 0 and 1" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--target-drop", "5"), capsys)
+    assert "together" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--target-drop", "0.1",
+                                                           "--search-data", data["train_json"]), capsys)
+    assert "--target-drop only" in _exit_2(partial_quant.main, _argv(
+        data, ranking, out, "--skip-layers", "1", "--search-data", data["train_json"], "--search-images",
+        data["train"]), capsys)
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert "choose another --output-dir" in _exit_2(

@@ -1,7 +1,6 @@
 """Tests for utils/data/synthetic.py and tools/make_synthetic_coco.py."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import subprocess
@@ -12,9 +11,9 @@ import cv2
 import pytest
 from pycocotools.coco import COCO
 
+from tests.helpers import load_script
 from utils.data.coco import CocoDetection
 from utils.data.synthetic import generate_synthetic_coco
-from tests.helpers import load_script
 from utils.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -45,10 +45,21 @@ def test_format_summary_with_steps_and_onnx():
                                           onnx="runs/partial/model_partial.onnx", onnx_max_abs_diff=1.5e-5,
                                           build="bash build_engine.sh runs/partial/model_partial.onnx"))
     lines = text.splitlines()
-    assert lines[0].split()[:2] == ["step", "action"] and "requantize" in text
+    assert lines[0] == "search steps (mAP50:95 on the report set)"
+    assert lines[1].split()[:2] == ["step", "action"] and "requantize" in text
     assert any(line.startswith("partial Q/DQ ONNX (ORT)") and line.split()[-2:] == ["0.4476", "0.0045"]
                for line in lines)
     assert "INT8 layers 70/72 (target-drop 0.03125)" in text
     assert "ONNX: runs/partial/model_partial.onnx (max |ORT - PyTorch| 1.5e-05)" in text
     assert lines[-1] == ("build the TensorRT engine on a GPU machine: "
                          "bash build_engine.sh runs/partial/model_partial.onnx")
+
+
+def test_format_summary_names_the_search_set():
+    steps = search_target_drop(ORDER, FakeMeasure(), FP_MAP, TARGET)["steps"]
+    search = {"data": "train.json", "images": "coco/train", "num_images": 209, "same_as_report": False}
+    text = format_summary(_report(steps=steps, rule="target-drop 0.03125", search=search))
+    assert text.splitlines()[0] == "search steps (mAP50:95 on the search set, coco/train (209 images))"
+    assert "optimistic" not in text
+    same = format_summary(_report(steps=steps, rule="target-drop 0.03125", search={**search, "same_as_report": True}))
+    assert "the partial mAP below is optimistic" in same

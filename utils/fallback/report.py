@@ -30,8 +30,13 @@ def format_summary(report: dict[str, Any]) -> str:
     """The table printed at the end of partial_quant.py."""
     fp = report["fp_map"]
     lines = []
+    search = report.get("search")
     if report.get("steps"):
-        lines += [format_steps(report["steps"]), ""]
+        where = "the report set" if not search or search["same_as_report"] else \
+            f"the search set, {search['images']} ({search['num_images']} images)"
+        lines += [f"search steps (mAP50:95 on {where})", format_steps(report["steps"]), ""]
+    if search and search["same_as_report"]:
+        lines.append("note: the search measured on the report set, so the partial mAP below is optimistic")
     lines += [f"{'model':<26} {'mAP50:95':>9} {'drop':>8}",
               f"{'float (PyTorch)':<26} {fp:>9.4f} {0:>8.4f}",
               f"{'full PTQ (fake-quant)':<26} {report['ptq_map']:>9.4f} {fp - report['ptq_map']:>8.4f}",
