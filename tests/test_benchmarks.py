@@ -62,3 +62,32 @@ def test_benchmark_names_the_missing_data(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(bench.main, args)
     assert exc.value.code == 2 and "--data-root is required" in capsys.readouterr().err
+
+
+def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_path, capsys):
+    bench = load_script("benchmarks/real_coco_benchmark.py")
+    sets = ["--val-data", tiny_val["json"], "--val-images", tiny_val["images"], "--train-data", tiny_val["json"],
+            "--train-images", tiny_val["images"]]
+    args = bench.get_args_parser().parse_args(
+        ["--weights", str(tiny_checkpoint), *sets, "--img-size", str(SIZE), "--batch-size", "4", "--calib-images",
+         "8", "--workers", "0", "--calibrators", "max", "percentile-99.99", "--partial-calibrator", "max",
+         "--target-drop", "1.0", "--layers", *LAYERS[:2], "--output-dir", str(tmp_path / "out"), "--json",
+         str(tmp_path / "bench.json"), "--no-progress"])
+    bench.main(args)
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", "seed partial (max, drop 1.0)",
+                          "seed partial Q/DQ ONNX (ORT)"]
+    partial = rows["seed partial (max, drop 1.0)"]
+    assert partial["int8_layers"] == partial["total_layers"] and partial["mAP50_95"] == rows["int8 max"]["mAP50_95"]
+    assert (tmp_path / "out" / "ranking" / "sensitivity_map.json").is_file()
+    assert "seed partial" in capsys.readouterr().out
+    bench.main(args)  # a rerun resumes the finished ranking instead of recomputing it
+
+
+def test_real_coco_benchmark_without_shared_names_the_paths(capsys):
+    bench = load_script("benchmarks/real_coco_benchmark.py")
+    args = bench.get_args_parser().parse_args(["--weights", "x.pt"])
+    args.train_data = None
+    with pytest.raises(SystemExit) as exc:
+        run_cli(bench.main, args)
+    assert exc.value.code == 2 and "pass --train-data" in capsys.readouterr().err
