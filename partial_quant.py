@@ -147,8 +147,8 @@ def calibrated(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     loader = None if args.calib_weights else calibration_loader(
         args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
     return calibrated_model(load_model(args.weights, deploy=True), calib_weights=args.calib_weights,
-                                 loader=loader, batch_number=args.batch_number, calib_method=args.calib_method,
-                                 percentile=args.percentile, device=device)
+                            loader=loader, batch_number=args.batch_number, calib_method=args.calib_method,
+                            percentile=args.percentile, device=device)
 
 
 def export_partial(args: argparse.Namespace, qmodel: torch.nn.Module, paths: dict[str, Path]) -> dict[str, Any]:

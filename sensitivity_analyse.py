@@ -127,7 +127,7 @@ def _probe(args: argparse.Namespace, qmodel: torch.nn.Module, layers: list[str],
                 "images": len(dataset)}
         return MapProbe(qmodel, dataset, args.batch_size, args.workers, device), data
     batches, dataset = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
-                                         args.workers)
+                                     args.workers)
     data = {"images_sha256": images_sha256(dataset), "images": len(dataset)}
     return ProxyProbe(qmodel, batches, args.method, device, layers=layers), data
 
@@ -159,20 +159,20 @@ def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None 
         args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
     model = reparameterize(model_from_checkpoint(ckpt, args.weights))
     qmodel, calib = calibrated_model(model, calib_weights=args.calib_weights, loader=loader,
-                                          batch_number=args.batch_number, calib_method=args.calib_method,
-                                          percentile=args.percentile, device=device)
+                                     batch_number=args.batch_number, calib_method=args.calib_method,
+                                     percentile=args.percentile, device=device)
     layers = select_layers(qmodel, args.layers)
     probe, data = _probe(args, qmodel, layers, device)
     header = make_header(model=model_id, method=args.method, calibration=calib, img_size=args.img_size,
-                              data=data, layer_info=[i for i in quant.layer_info(qmodel) if i["name"] in layers],
-                              shard=args.shard)
+                         data=data, layer_info=[i for i in quant.layer_info(qmodel) if i["name"] in layers],
+                         shard=args.shard)
     progress = ProgressFile(progress_file, header, resume=args.resume, overwrite=args.overwrite)
     if not args.calib_weights:  # after the progress check: never replace the calibration of another analysis
         saved = calibration.save_calibrated(output / "calibrated.pt", qmodel, meta={"weights": str(args.weights)})
         _logger.info("calibrated checkpoint: %s (pass it as --calib-weights to skip calibration)", saved)
     records = analyse(probe, shard_layers(layers, args.shard), progress, method=args.method,
-                           baselines=args.shard is None or args.shard[0] == 0, on_layer=on_layer,
-                           show_progress=not args.no_progress)
+                      baselines=args.shard is None or args.shard[0] == 0, on_layer=on_layer,
+                      show_progress=not args.no_progress)
     if args.shard is not None:
         _logger.info("shard %d/%d done (%d layers) in %s; when every shard is done run --merge", *args.shard,
                      len(records), progress_file)

@@ -93,7 +93,7 @@ def _probe(method: str, qmodel: torch.nn.Module, layers: list[str], args: argpar
         dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
         return MapProbe(qmodel, dataset, args.batch_size, args.workers, device)
     batches, _ = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
-                                    args.workers)
+                               args.workers)
     probe = ProxyProbe(qmodel, batches, method, device, layers=layers)
     probe.prepare()
     return probe
@@ -209,7 +209,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     loader = calibration_loader(args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
     qmodel, calib = calibrated_model(load_model(args.weights), loader=loader, batch_number=args.batch_number,
-                                          device=device, num_bits=args.num_bits)
+                                     device=device, num_bits=args.num_bits)
     layers = select_layers(qmodel, args.layers)
     methods = sorted(set(args.methods), key=METHODS.index)
     results = {m: time_method(m, qmodel, layers, args, device) for m in methods}

@@ -42,8 +42,8 @@ def test_format_summary_without_onnx():
 def test_format_summary_with_steps_and_onnx():
     steps = search_target_drop(ORDER, FakeMeasure(), FP_MAP, TARGET)["steps"]
     text = format_summary(_report(steps=steps, rule="target-drop 0.03125", onnx_map=0.4476,
-                                          onnx="runs/partial/model_partial.onnx", onnx_max_abs_diff=1.5e-5,
-                                          build="bash build_engine.sh runs/partial/model_partial.onnx"))
+                                  onnx="runs/partial/model_partial.onnx", onnx_max_abs_diff=1.5e-5,
+                                  build="bash build_engine.sh runs/partial/model_partial.onnx"))
     lines = text.splitlines()
     assert lines[0] == "search steps (mAP50:95 on the report set)"
     assert lines[1].split()[:2] == ["step", "action"] and "requantize" in text

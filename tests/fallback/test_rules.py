@@ -189,9 +189,9 @@ def test_choose_float_layers_needs_one_rule(rules):
 
 def test_choose_float_layers_skip_and_boundary():
     assert choose_float_layers(STAND_IN, ORDER, skip_layers=2) == {"rule": "skip-layers 2",
-                                                                          "float_layers": ["a", "b"]}
+                                                                   "float_layers": ["a", "b"]}
     assert choose_float_layers(STAND_IN, ORDER, quant_boundary=1) == {"rule": "quant-boundary 1",
-                                                                             "float_layers": ["a", "b", "c", "f"]}
+                                                                      "float_layers": ["a", "b", "c", "f"]}
     with pytest.raises(InputError, match="--skip-layers 6"):
         choose_float_layers(STAND_IN, ORDER, skip_layers=6)
 
@@ -199,15 +199,15 @@ def test_choose_float_layers_skip_and_boundary():
 def test_choose_float_layers_target_drop():
     seen = []
     choice = choose_float_layers(STAND_IN, ORDER, target_drop=TARGET, measure=FakeMeasure(), fp_map=FP_MAP,
-                                         on_step=seen.append)
+                                 on_step=seen.append)
     assert choice["rule"] == "target-drop 0.03125"
     assert choice["float_layers"] == ["b", "c"] and choice["drop"] == 0.03125 and len(choice["steps"]) == 7
     assert seen == choice["steps"]
     choice = choose_float_layers(STAND_IN, ORDER, target_drop=TARGET, measure=FakeMeasure(), fp_map=FP_MAP,
-                                         revert=False)
+                                 revert=False)
     assert choice["float_layers"] == ["a", "b", "c"]
     with pytest.raises(InputError, match="at most 1 float layers"):
         choose_float_layers(STAND_IN, ORDER, target_drop=TARGET, measure=FakeMeasure(), fp_map=FP_MAP,
-                                    max_float=1)
+                            max_float=1)
     with pytest.raises(ValueError, match="measure"):
         choose_float_layers(STAND_IN, ORDER, target_drop=TARGET)

@@ -48,6 +48,22 @@ V3_GROUPS = [
     ["detect.cls_convs.2.block.conv", "detect.reg_convs.2.block.conv"],
 ]
 
+# YOLOv6Lite-S, from the architecture: an S2 block's two branches (conv_dw_1, conv_pw_2) read the block input, which
+# for stages 3 and 4 is also a backbone output reduced by the neck; each CSPBlock's conv_1 / conv_2 read one input,
+# Csp_n4's concat includes the reduced top feature that p6_conv_1 also reads; each head stem reads a neck output
+# that a downsampling DPBlock also reads (P3, P4, P5), and cls/reg convs read the stem. SE convs, split halves and
+# DarknetBlock chains read tensors of their own.
+LITE_GROUPS = [
+    *[[f"backbone.lite_effiblock_{i}.0.conv_dw_1.block.conv", f"backbone.lite_effiblock_{i}.0.conv_pw_2.block.conv"]
+      + ([f"neck.reduce_layer{5 - i}.block.conv"] if i in (3, 4) else []) for i in range(1, 5)],
+    *[[f"neck.{csp}.conv_1.block.conv", f"neck.{csp}.conv_2.block.conv"] for csp in ("Csp_p4", "Csp_p3", "Csp_n3")],
+    ["neck.Csp_n4.conv_1.block.conv", "neck.Csp_n4.conv_2.block.conv", "neck.p6_conv_1.conv_dw_1"],
+    ["neck.downsample2.conv_dw_1", "detect.stems.0.conv_dw_1"],
+    ["neck.downsample1.conv_dw_1", "detect.stems.1.conv_dw_1"],
+    ["neck.p6_conv_2.conv_dw_1", "detect.stems.2.conv_dw_1"],
+    *[[f"detect.cls_convs.{i}.conv_dw_1", f"detect.reg_convs.{i}.conv_dw_1"] for i in range(4)],
+]
+
 
 def _quantized(config: str) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -55,7 +71,8 @@ def _quantized(config: str) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------ sharing
-@pytest.mark.parametrize("config, expected", [("yolov6n_reopt", REOPT_GROUPS), ("yolov6n", V3_GROUPS)])
+@pytest.mark.parametrize("config, expected", [("yolov6n_reopt", REOPT_GROUPS), ("yolov6n", V3_GROUPS),
+                                              ("yolov6lite_s", LITE_GROUPS)])
 def test_sharing_groups_are_traced_from_the_model(config, expected):
     groups = trace_sharing_groups(_quantized(config))
     assert sorted(map(sorted, groups)) == sorted(map(sorted, expected))

@@ -366,7 +366,7 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
         if loader is None:
             raise InputError("no calibration data: pass --data-root with calibration images or --calib-weights")
         summary = calibrate(qmodel, loader, batch_number, method=calib_method or "max", percentile=percentile,
-                                  device=device)
+                            device=device)
         record = {k: summary[k] for k in ("method", "percentile") if k in summary}
         record.update(source="calibrated", images=summary["images"], dead_amax=summary["dead_amax"])
     record["amax_sha256"] = amax_sha256(qmodel)
