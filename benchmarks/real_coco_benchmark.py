@@ -187,6 +187,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   progress=not args.no_progress)
     rows = {"float": {**_maps(fp), "seconds": round(time.perf_counter() - start, 1)}}
     rows.update(full_int8_rows(args, val, device, out))
+    write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
     ranking, ranking_seconds = seed_ranking(args, out)
     start = time.perf_counter()
     partial = seed_partial(args, ranking, out)

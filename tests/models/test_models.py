@@ -22,8 +22,8 @@ STRIDES = (8, 16, 32)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _num_anchors(h: int, w: int) -> int:
-    return sum((h // s) * (w // s) for s in STRIDES)
+def _num_anchors(h: int, w: int, lite: bool = False) -> int:
+    return sum((h // s) * (w // s) for s in (*STRIDES, 64) if lite or s != 64)
 
 
 def _keys_json(name: str) -> dict:
@@ -44,12 +44,15 @@ def test_every_config_builds_and_decodes_nonsquare_batch(name):
     torch.manual_seed(0)
     config = load_config(name)
     model = build_model(config).eval()
-    b, h, w = 2, 64, 96  # non-square, multiple of 32
+    lite = config["layout"] == "lite"
+    b, h, w = (2, 128, 192) if lite else (2, 64, 96)  # non-square, multiples of the largest stride (64 / 32)
     x = torch.rand(b, 3, h, w)
     with torch.no_grad():
         y = model(x)
     nc = config["num_classes"]
-    assert y.shape == (b, _num_anchors(h, w), 5 + nc) == (b, 8 * 12 + 4 * 6 + 2 * 3, 85)
+    # stride 8/16/32 grids, plus the lite head's stride-64 level
+    expected = 16 * 24 + 8 * 12 + 4 * 6 + 2 * 3 if lite else 8 * 12 + 4 * 6 + 2 * 3
+    assert y.shape == (b, _num_anchors(h, w, lite), 5 + nc) == (b, expected, 85)
     assert y.dtype == torch.float32
     assert torch.isfinite(y).all()
     assert torch.equal(y[..., 4], torch.ones_like(y[..., 4]))
