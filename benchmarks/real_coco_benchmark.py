@@ -9,7 +9,8 @@ For one checkpoint and real labelled sets (ranking and search on the train set, 
    with that layer alone quantized (sensitivity_analyse.py --method map on the train set), then partial_quant.py
    --target-drop on the train set (float layers added most sensitive first, then the revert pass), calibrated with
    --partial-calibrator;
-4. that partial model's Q/DQ ONNX, verified and evaluated on ONNX Runtime;
+4. that partial model's Q/DQ ONNX, verified against PyTorch and evaluated on ONNX Runtime (a failed verification
+   is reported in its row, and the ONNX is still evaluated);
 
 with the wall time of every stage. Prints the table and writes it as JSON. Long stages keep their progress under
 --output-dir: rerunning the same command resumes the per-layer ranking where it stopped.
@@ -46,9 +47,10 @@ from utils.cli import (  # noqa: E402
 )
 from utils.data.calibration import calibration_loader  # noqa: E402
 from utils.data.coco import CocoDetection  # noqa: E402
+from utils.deploy.onnx_export import export_verified, verification_batch  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
-from utils.inference.runners import TorchRunner  # noqa: E402
+from utils.inference.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
 
 _logger = logging.getLogger("real_coco_benchmark")
@@ -161,9 +163,32 @@ def seed_partial(args: argparse.Namespace, ranking: Path, out: Path) -> dict[str
             "--search-images", str(args.train_images), "--img-size", str(args.img_size),
             "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
             "--output-dir", str(out / "partial"), "--overwrite"]
-    argv += ["--no-export"] if args.no_onnx else ["--eval-onnx"]
+    argv += ["--no-export"]  # exported below, so that a failed verification still reports the rest
     argv += ["--no-progress"] if args.no_progress else []
     return partial_quant.main(partial_quant.get_args_parser().parse_args(argv))
+
+
+def partial_onnx_row(args: argparse.Namespace, out: Path, val: CocoDetection, partial: dict[str, Any]) -> dict:
+    """The partial model's Q/DQ ONNX, verified against PyTorch, and its mAP on ONNX Runtime. When the verification
+    fails at its default tolerances the ONNX is written anyway (tolerances lifted) so its mAP is still measured,
+    and the row says so: the failure is a result, not a reason to lose the table."""
+    qmodel = calibration.load_calibrated(partial["checkpoint"])
+    images = verification_batch(args.val_images, args.img_size, 2)
+    path = out / "partial" / "partial_qdq.onnx"
+    row: dict[str, Any] = {"int8_layers": partial["int8_layers"], "total_layers": partial["total_layers"]}
+    try:
+        record = export_verified(qmodel, path, images, img_size=args.img_size, dynamic_batch=True)
+        row["verified"] = True
+    except InputError as exc:
+        _logger.warning("ONNX verification failed (%s): exported unchecked to measure its mAP", exc)
+        record = export_verified(qmodel, path, images, img_size=args.img_size, dynamic_batch=True,
+                                 tolerances=(float("inf"), float("inf")))
+        row.update(verified=False, verification_error=str(exc))
+    start = time.perf_counter()
+    metrics = evaluate(OnnxRuntimeRunner(path), val, args.batch_size, args.workers, progress=not args.no_progress)
+    row.update(_maps(metrics), onnx=str(path), max_abs_diff=record["max_abs_diff"],
+               seconds=round(time.perf_counter() - start, 1))
+    return row
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -196,11 +221,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   "int8_layers": partial["int8_layers"],
                   "total_layers": partial["total_layers"], "float_layers": partial["float_layers"],
                   "ranking_s": round(ranking_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
-    if "onnx_map" in partial:
-        rows["seed partial Q/DQ ONNX (ORT)"] = {"mAP50_95": round(partial["onnx_map"], 4),
-                                                "mAP50": round(partial["map50"]["onnx"], 4),
-                                                "int8_layers": partial["int8_layers"],
-                                                "total_layers": partial["total_layers"], "onnx": partial["onnx"]}
+    write_json(out / "rows_so_far.json", rows)
+    if not args.no_onnx:
+        rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out, val, partial)
     print(format_table(rows), flush=True)
     print(f"ranking (single-layer map on {args.train_images}): {ranking_seconds / 60:.1f} min; "
           f"float layers: {', '.join(partial['float_layers']) or 'none'}")
