@@ -91,3 +91,17 @@ def shared_fixture(path: Path) -> Path:
     if not Path(path).exists():
         pytest.fail(f"shared fixture {path} not found: clone the repository with ../shared beside it")
     return Path(path)
+
+
+def one_line_error(script: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``script.main`` through run_cli as a user would: it must exit 2 with one final ``error:`` line on stderr
+    (progress logs may come first) and no traceback. Returns that line."""
+    from utils.cli import run_cli
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(script.main, script.get_args_parser().parse_args(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and err[-1] == errors[0] and not any("Traceback" in line for line in err)
+    return errors[0]

@@ -14,8 +14,7 @@ import pytest
 
 import sensitivity_analyse as sa
 from models import save_checkpoint
-from tests.helpers import REPO, SIZE, tiny_detector
-from utils.cli import run_cli
+from tests.helpers import REPO, SIZE, one_line_error, tiny_detector
 from utils.data.coco import CocoDetection
 from utils.inference.evaluate import evaluate
 from utils.inference.runners import TorchRunner
@@ -28,6 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS = ["backbone.ERBlock_2.0.rbr_reparam", "neck.Rep_p3.block.0.rbr_reparam", "detect.cls_preds.0",
           "detect.reg_preds.1"]
+
+
+def _exit_2(argv: list[str], capsys) -> str:
+    return one_line_error(sa, argv, capsys)
 
 
 def _argv(tiny_checkpoint, tiny_val, output, *extra, layers=LAYERS) -> list[str]:
@@ -44,16 +47,6 @@ def _map_argv(tiny_checkpoint, tiny_val, output, *extra) -> list[str]:
 
 def _run(argv: list[str], on_layer=None) -> dict:
     return sa.main(sa.get_args_parser().parse_args(argv), on_layer=on_layer)
-
-
-def _exit_2(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        run_cli(sa.main, sa.get_args_parser().parse_args(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1 and err[-1] == errors[0] and not any("Traceback" in line for line in err)
-    return errors[0]
 
 
 def test_seed_command_line_parses():

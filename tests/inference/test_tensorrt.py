@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import eval_coco
-from utils.cli import run_cli
+from tests.helpers import one_line_error
 from utils.data.synthetic import generate_synthetic_coco
 from utils.errors import InputError
 from utils.inference import tensorrt as trt_runner
@@ -46,6 +46,10 @@ _TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "INT8": torch.int8, "IN
 
 
 # ------------------------------------------------------------------------------------------------ fake tensorrt
+def _cli_error(argv: list[str], capsys) -> str:
+    return one_line_error(eval_coco, argv, capsys)
+
+
 def predictions(images: torch.Tensor) -> torch.Tensor:
     """The fake engines' function: box n at (8(n+1), 8(n+1)), 8x8, objectness 1, class k score mean(image)/(k+1)."""
     batch = len(images)
@@ -381,14 +385,6 @@ def test_bad_engines_are_input_errors(fake_trt, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ eval_coco CLI
-def _cli_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        run_cli(eval_coco.main, eval_coco.get_args_parser().parse_args(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1 and err[-1] == errors[0] and not any("Traceback" in line for line in err)
-    return errors[0]
 
 
 def _argv(weights: Path, *extra: str) -> list[str]:
