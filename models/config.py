@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from models.lite import lite_channels  # lite scales widths its own way and has no neck repeats
 from utils.errors import InputError
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -54,8 +55,6 @@ def resolve_config(config: dict[str, Any]) -> tuple[list[int], list[int]]:
     Explicit ``channels_list`` / ``num_repeats_list`` (written by checkpoint inference) take precedence.
     """
     if config["layout"] == "lite":
-        from models.lite import lite_channels  # lite scales widths its own way and has no neck repeats
-
         out, _, neck_in = lite_channels(config)
         return out + neck_in + [int(config["neck"]["unified_channels"])], list(config["backbone"]["num_repeats"])
     base_repeats = config["backbone"]["num_repeats"] + config["neck"]["num_repeats"]

@@ -33,6 +33,17 @@ def dist2bbox(distance: torch.Tensor, anchor_points: torch.Tensor, box_format: s
     return torch.cat([(x1y1 + x2y2) / 2, x2y2 - x1y1], -1)
 
 
+def decode_outputs(feats: list[torch.Tensor], strides: torch.Tensor, cls_list: list[torch.Tensor],
+                   reg_list: list[torch.Tensor]) -> torch.Tensor:
+    """Per-level class scores [B,nc,HW] and ltrb distances [B,4,HW] -> [B, N, 5 + nc] = cx, cy, w, h (input
+    pixels), objectness 1, class scores: the eval output of every YOLOv6 head."""
+    anchor_points, stride_tensor = make_anchor_points(feats, strides)
+    scores = torch.cat(cls_list, -1).permute(0, 2, 1)
+    dists = torch.cat(reg_list, -1).permute(0, 2, 1)
+    boxes = dist2bbox(dists, anchor_points.to(dists.dtype), "xywh") * stride_tensor.to(dists.dtype)
+    return torch.cat([boxes, torch.ones_like(boxes[..., :1]), scores], -1)
+
+
 class Detect(nn.Module):
     """Decoupled head: per level a 1x1 stem, then class and box branches (3x3 conv + 1x1 prediction).
 
@@ -90,7 +101,6 @@ class Detect(nn.Module):
     def forward(self, feats: list[torch.Tensor]):
         if self.training:
             return self._forward_train(feats)
-        anchor_points, stride_tensor = make_anchor_points(feats, self.stride)
         cls_list, reg_list = [], []
         for i, feat in enumerate(feats):
             # H, W as constants and batch as -1: an ONNX export with a dynamic batch then needs no Shape ops
@@ -101,11 +111,7 @@ class Detect(nn.Module):
                 reg_out = self.proj_conv(F.softmax(reg_out, dim=1))
             cls_list.append(torch.sigmoid(cls_out).reshape(-1, self.nc, h * w))
             reg_list.append(reg_out.reshape(-1, 4, h * w))
-        scores = torch.cat(cls_list, -1).permute(0, 2, 1)
-        dists = torch.cat(reg_list, -1).permute(0, 2, 1)
-        boxes = dist2bbox(dists, anchor_points.to(dists.dtype), "xywh") * stride_tensor.to(dists.dtype)
-        objectness = torch.ones_like(boxes[..., :1])
-        return torch.cat([boxes, objectness, scores], -1)
+        return decode_outputs(feats, self.stride, cls_list, reg_list)
 
     def _forward_train(self, feats: list[torch.Tensor]):
         out_feats, cls_list, reg_list, lrtb_list = [], [], [], []

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.common import ConvModule
-from models.effidehead import dist2bbox, make_anchor_points
+from models.effidehead import decode_outputs
 
 LITE_STRIDES = (8, 16, 32, 64)
 
@@ -256,17 +256,13 @@ class LiteDetect(nn.Module):
             outs = [self._branches(feat, i) for i, feat in enumerate(feats)]
             return ([o[0] for o in outs], torch.cat([torch.sigmoid(o[1]).flatten(2).permute(0, 2, 1) for o in outs], 1),
                     torch.cat([o[2].flatten(2).permute(0, 2, 1) for o in outs], 1))
-        anchor_points, stride_tensor = make_anchor_points(feats, self.stride)
         cls_list, reg_list = [], []
         for i, feat in enumerate(feats):
             h, w = int(feat.shape[-2]), int(feat.shape[-1])  # constants, batch -1: see effidehead.Detect
             _, cls_out, reg_out = self._branches(feat, i)
             cls_list.append(torch.sigmoid(cls_out).reshape(-1, self.nc, h * w))
             reg_list.append(reg_out.reshape(-1, 4, h * w))
-        scores = torch.cat(cls_list, -1).permute(0, 2, 1)
-        dists = torch.cat(reg_list, -1).permute(0, 2, 1)
-        boxes = dist2bbox(dists, anchor_points.to(dists.dtype), "xywh") * stride_tensor.to(dists.dtype)
-        return torch.cat([boxes, torch.ones_like(boxes[..., :1]), scores], -1)
+        return decode_outputs(feats, self.stride, cls_list, reg_list)
 
 
 def build_lite_network(config: dict[str, Any]) -> tuple[nn.Module, nn.Module, LiteDetect]:
