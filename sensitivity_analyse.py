@@ -1,7 +1,10 @@
-"""Per-layer INT8 sensitivity of a YOLOv6 model: quantize each layer alone and rank the layers (most sensitive first).
+"""Per-layer INT8 sensitivity of a YOLOv6 model, ranked most sensitive first.
 
---method map measures COCO mAP on --data/--images (YOLOv6's tools/partial_quantization); sqnr / cosine / mse are
-label-free proxies on the calibration images (see utils/sensitivity/metrics.py). Progress is saved after every layer:
+--direction single quantizes each layer alone (all others float; YOLOv6's tools/partial_quantization); --direction
+revert returns each layer alone to float from full INT8 (leave-one-out: sees what breaks a full-INT8 model).
+--method map measures COCO mAP on --data/--images (also on two halves of them, for the ranking's split-half
+reliability); sqnr / cosine / mse are label-free proxies on the calibration images (see
+utils/sensitivity/metrics.py). Progress is saved after every layer:
 --resume continues an interrupted run, --shard K/N splits the layers over N processes and --merge joins them.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from utils.quant import calibration
 from utils.quant import quantizers as quant
 from utils.quant.calibration import calibrated_model
 from utils.sensitivity import analyse
-from utils.sensitivity.metrics import METHODS
+from utils.sensitivity.metrics import DIRECTIONS, METHODS
 from utils.sensitivity.probes import MapProbe, ProxyProbe, select_layers
 from utils.sensitivity.report import build_report, format_table, write_reports
 from utils.sensitivity.store import (
@@ -78,6 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     ana.add_argument("--method", choices=METHODS, default=None,
                      help=f"map: COCO mAP per layer (needs --data/--images); sqnr/cosine/mse: label-free proxies on "
                           f"the calibration images (default: map with --data, else {DEFAULT_PROXY})")
+    ana.add_argument("--direction", choices=DIRECTIONS, default="single",
+                     help="single: quantize each layer alone (the seed's ranking); revert: return each layer alone "
+                          "to float from full INT8 (files get a _revert suffix)")
     ana.add_argument("--data", default=None, metavar="JSON", help="COCO annotation file for --method map")
     ana.add_argument("--images", default=None, metavar="DIR", help="images of --data")
     ana.add_argument("--max-images", type=positive_int, default=None, metavar="N",
@@ -125,11 +131,11 @@ def _probe(args: argparse.Namespace, qmodel: torch.nn.Module, layers: list[str],
         dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
         data = {"annotations_sha256": file_sha256(args.data), "max_images": args.max_images,
                 "images": len(dataset)}
-        return MapProbe(qmodel, dataset, args.batch_size, args.workers, device), data
+        return MapProbe(qmodel, dataset, args.batch_size, args.workers, device, direction=args.direction), data
     batches, dataset = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
                                      args.workers)
     data = {"images_sha256": images_sha256(dataset), "images": len(dataset)}
-    return ProxyProbe(qmodel, batches, args.method, device, layers=layers), data
+    return ProxyProbe(qmodel, batches, args.method, device, layers=layers, direction=args.direction), data
 
 
 def _finish(args: argparse.Namespace, output: Path, header: dict, records: dict, baselines: dict,
@@ -139,7 +145,8 @@ def _finish(args: argparse.Namespace, output: Path, header: dict, records: dict,
     print(format_table(report))
     first = min(report["layers"], key=lambda r: r["rank"])["name"]
     flat = {f"{name}_{col}": v for name, values in baselines.items() for col, v in values.items()}
-    return {"method": args.method, "layers": len(records), "most_sensitive": first, **flat,
+    return {"method": args.method, "direction": args.direction, "layers": len(records), "most_sensitive": first,
+            **flat,
             **{kind: str(p) for kind, p in paths.items()}, "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -150,9 +157,11 @@ def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None 
     ckpt = read_checkpoint(args.weights)
     model_id = {"sha256": file_sha256(args.weights), "config": ckpt.config.get("name")}
     if args.merge:
-        return _finish(args, output, *merge_shards(output, args.method, model=model_id), start)
-    progress_file = progress_path(output, args.method, args.shard)
-    check_progress(progress_file, model_id, args.method, args.resume, args.overwrite)  # before the slow part
+        return _finish(args, output, *merge_shards(output, args.method, model=model_id, direction=args.direction),
+                       start)
+    progress_file = progress_path(output, args.method, args.shard, args.direction)
+    check_progress(progress_file, model_id, args.method, args.resume, args.overwrite,  # before the slow part
+                   args.direction)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     loader = None if args.calib_weights else calibration_loader(
@@ -165,12 +174,12 @@ def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None 
     probe, data = _probe(args, qmodel, layers, device)
     header = make_header(model=model_id, method=args.method, calibration=calib, img_size=args.img_size,
                          data=data, layer_info=[i for i in quant.layer_info(qmodel) if i["name"] in layers],
-                         shard=args.shard)
+                         shard=args.shard, direction=args.direction)
     progress = ProgressFile(progress_file, header, resume=args.resume, overwrite=args.overwrite)
     if not args.calib_weights:  # after the progress check: never replace the calibration of another analysis
         saved = calibration.save_calibrated(output / "calibrated.pt", qmodel, meta={"weights": str(args.weights)})
         _logger.info("calibrated checkpoint: %s (pass it as --calib-weights to skip calibration)", saved)
-    records = analyse(probe, shard_layers(layers, args.shard), progress, method=args.method,
+    records = analyse(probe, shard_layers(layers, args.shard), progress, method=args.method, direction=args.direction,
                       baselines=args.shard is None or args.shard[0] == 0, on_layer=on_layer,
                       show_progress=not args.no_progress)
     if args.shard is not None:

@@ -20,6 +20,7 @@ from utils.inference.evaluate import evaluate
 from utils.inference.runners import TorchRunner
 from utils.quant import calibration
 from utils.quant import quantizers as quant
+from utils.sensitivity.report import read_ranking
 from utils.sensitivity.store import progress_path, read_progress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,6 +167,40 @@ def test_shards_merge_to_the_single_run(tiny_checkpoint, tiny_val, tmp_path, cap
     shard1.unlink()
     assert "shard(s) 1/2 missing" in _exit_2(_argv(tiny_checkpoint, tiny_val, out, "--method", "mse", "--merge",
                                                    layers=None), capsys)
+
+
+def test_revert_direction_map_numbers_files_and_shards(tiny_checkpoint, tiny_val, tmp_path, capsys):
+    """--direction revert: each value is the mAP of full INT8 with only that layer float (evaluated here
+    independently), a higher mAP ranks first, files carry a _revert suffix and say so, shards merge to the same."""
+    out = tmp_path / "rev"
+    result = _run(_map_argv(tiny_checkpoint, tiny_val, out, "--direction", "revert"))
+    assert Path(result["txt"]).name == "sensitivity_map_revert.txt" and result["direction"] == "revert"
+    report = json.loads(Path(result["json"]).read_text())
+    model = calibration.load_calibrated(out / "calibrated.pt")
+    dataset = CocoDetection(tiny_val["json"], tiny_val["images"], img_size=SIZE, max_images=6)
+    values = {}
+    for layer in LAYERS:
+        quant.enable_all(model)
+        quant.set_quantized(model, [layer], False)
+        values[layer] = evaluate(TorchRunner(model), dataset, batch_size=4, workers=0, progress=False)["mAP50_95"]
+    rows = {row["name"]: row for row in report["layers"]}
+    assert {name: rows[name]["mAP50_95"] for name in LAYERS} == values
+    expected = sorted(LAYERS, key=lambda n: (-values[n], LAYERS.index(n)))  # most mAP regained = most sensitive
+    assert read_ranking(result["txt"]) == expected == read_ranking(result["json"])
+    assert "direction: revert" in Path(result["txt"]).read_text().splitlines()[0]
+    assert not (out / "sensitivity_map.txt").exists() and report["direction"] == "revert"
+    calib = str(out / "calibrated.pt")
+    for k in (0, 1):
+        _run(_map_argv(tiny_checkpoint, tiny_val, tmp_path / "sh", "--direction", "revert", "--shard", f"{k}/2",
+                       "--calib-weights", calib))
+    merged = _run(_argv(tiny_checkpoint, tiny_val, tmp_path / "sh", "--method", "map", "--direction", "revert",
+                        "--merge", layers=None))
+    assert Path(merged["txt"]).read_bytes() == Path(result["txt"]).read_bytes()
+    single_progress = progress_path(tmp_path / "sh2", "map")
+    single_progress.parent.mkdir()
+    single_progress.write_bytes(progress_path(out, "map", direction="revert").read_bytes())
+    assert "direction" in _exit_2(_map_argv(tiny_checkpoint, tiny_val, tmp_path / "sh2", "--resume",
+                                            "--calib-weights", calib), capsys)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

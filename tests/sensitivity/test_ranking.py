@@ -89,3 +89,20 @@ def test_read_ranking_missing_file(tmp_path):
     assert "nope.txt" in str(exc.value)
     with pytest.raises(InputError, match="not found"):
         read_ranking(tmp_path)  # a folder is not a file
+
+
+def test_read_ranking_revert_text_reads_the_metric_the_other_way(tmp_path):
+    # revert: the value is the model with only this layer back in float, so a *higher* sqnr / mAP = more sensitive
+    rows = [{"name": "x", "sqnr_db_neck": 10.0, "sqnr_db": 30.0},
+            {"name": "y", "sqnr_db_neck": 20.0, "sqnr_db": 15.0},
+            {"name": "z", "sqnr_db_neck": 30.0, "sqnr_db": 22.5}]
+    path = tmp_path / "sens_sqnr_revert.txt"
+    path.write_text(format_sensitivity(rows, "sqnr", "revert"))
+    assert read_ranking(path) == ["x", "z", "y"]
+    maps = [{"name": "x", "mAP50": 0.5, "mAP50_95": 0.30}, {"name": "y", "mAP50": 0.4, "mAP50_95": 0.32}]
+    path = tmp_path / "sens_map_revert.txt"
+    path.write_text(format_sensitivity(maps, "map", "revert"))
+    assert path.read_text().startswith("# metric: mAP50_95 ") and read_ranking(path) == ["y", "x"]
+    path.write_text(path.read_text().replace("direction: revert", "direction: sideways"))
+    with pytest.raises(InputError, match="unknown direction 'sideways'"):
+        read_ranking(path)

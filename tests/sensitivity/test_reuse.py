@@ -33,3 +33,14 @@ def test_reuse_that_disagrees_is_turned_off(tiny_val, caplog):
     with caplog.at_level("WARNING"):
         assert probe(layer)["cosine_box"] == plain(layer)["cosine_box"]
     assert probe.reuse is None and any("turned off" in r.getMessage() for r in caplog.records)
+
+
+def test_revert_reuse_replays_the_int8_pass_and_changes_nothing(tiny_val):
+    qmodel = calibrated_tiny(tiny_detector(), tiny_val)
+    batches, _ = proxy_batches(tiny_val["images"], SIZE, 8, 4, workers=0)
+    fast = ProxyProbe(qmodel, batches, "mse", direction="revert")
+    slow = ProxyProbe(qmodel, batches, "mse", reuse=False, direction="revert")
+    layers = list(quant.quant_layers(qmodel))
+    for layer in layers[::9] + ["detect.cls_preds.0"]:
+        assert fast(layer) == slow(layer), layer
+    assert fast.reuse is not None

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -102,26 +103,28 @@ class CocoEvaluator:
             )
         return self.cat_ids[index]
 
-    def summarize(self) -> dict[str, Any]:
-        """Run COCOeval on the updated images.
+    def summarize(self, image_ids: Iterable[int] | None = None) -> dict[str, Any]:
+        """Run COCOeval on the updated images (only those of ``image_ids`` when given).
 
         Returns:
             The 12 COCO stats by name (see METRIC_NAMES; -1.0 where pycocotools has no ground truth for a metric,
             all 0.0 when there are no detections) and `summary_text`, the 12-line summary pycocotools prints.
         """
-        if not self._predictions:
+        ids = set(self._image_ids) if image_ids is None else set(self._image_ids) & {int(i) for i in image_ids}
+        predictions = [p for p in self._predictions if p["image_id"] in ids]
+        if not predictions:
             # loadRes cannot handle an empty result list; with nothing detected every metric is 0.
             metrics: dict[str, Any] = {name: 0.0 for name in METRIC_NAMES}
             metrics["summary_text"] = (
-                f"No detections on the {len(self._image_ids)} evaluated image(s): all COCO metrics are 0."
+                f"No detections on the {len(ids)} evaluated image(s): all COCO metrics are 0."
             )
             return metrics
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             # loadRes adds keys to the dicts it gets, so give it copies and keep `predictions` clean.
-            coco_dt = self.coco_gt.loadRes(copy.deepcopy(self._predictions))
+            coco_dt = self.coco_gt.loadRes(copy.deepcopy(predictions))
             coco_eval = COCOeval(self.coco_gt, coco_dt, "bbox")
-            coco_eval.params.imgIds = sorted(self._image_ids)
+            coco_eval.params.imgIds = sorted(ids)
             coco_eval.evaluate()
             coco_eval.accumulate()
         summary = io.StringIO()

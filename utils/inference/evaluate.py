@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,17 @@ def check_num_classes(predictions: torch.Tensor, dataset: CocoDetection) -> None
 
 def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, workers: int = 2, conf: float = 0.03,
              iou: float = 0.65, max_det: int = 300, progress: bool = True,
-             save_json: str | Path | None = None) -> dict[str, Any]:
+             save_json: str | Path | None = None,
+             subsets: Mapping[str, Iterable[int]] | None = None) -> dict[str, Any]:
     """COCO mAP of ``runner`` on ``dataset``, YOLOv6's evaluation post-processing (multi-label NMS).
 
+    Args:
+        subsets: name -> COCO image ids; each subset's mAP50 / mAP50_95 is also computed from the same predictions
+            (e.g. the two halves of a split-half reliability check).
+
     Returns a flat dict: the 12 COCO stats (``mAP50_95``, ``mAP50``, ...), ``images``, ``unreadable``,
-    ``seconds``, ``images_per_s`` (end to end, data loading included) and ``summary_text``.
+    ``seconds``, ``images_per_s`` (end to end, data loading included), ``summary_text`` and, with ``subsets``,
+    ``subsets`` (name -> {mAP50, mAP50_95}).
     """
     evaluator = CocoEvaluator(dataset.coco, dataset.cat_ids)
     loader = create_dataloader(dataset, batch_size, workers=workers)
@@ -55,6 +62,9 @@ def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, worker
         _logger.warning("%d of %d images could not be read and were left out of the metrics (see warnings above)",
                         unreadable, len(dataset))
     metrics = evaluator.summarize()
+    if subsets:
+        metrics["subsets"] = {name: {k: evaluator.summarize(ids)[k] for k in ("mAP50", "mAP50_95")}
+                              for name, ids in subsets.items()}
     if save_json is not None:
         evaluator.save_json(save_json)
     metrics.update(images=images, unreadable=unreadable, seconds=round(seconds, 3),

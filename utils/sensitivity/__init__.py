@@ -1,6 +1,7 @@
 """Per-layer quantization sensitivity of a calibrated YOLOv6 model.
 
-Every quantized layer is quantized alone (all others in float) and scored by a probe (``probes``): ``map`` (COCO
+Every quantized layer is quantized alone (all others in float; direction ``single``) or returned alone to float
+(all others INT8; ``revert``) and scored by a probe (``probes``): ``map`` (COCO
 mAP50 / mAP50:95 on labelled images, as YOLOv6's ``tools/partial_quantization`` measures it) or a label-free proxy,
 ``sqnr`` / ``cosine`` / ``mse`` (``metrics``), sped up by reusing float sub-module outputs (``reuse``). ``analyse``
 appends each result to a progress store (``store``: resume, shards, merge) as soon as it is known; ``report``
@@ -17,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils.sensitivity.metrics import COLUMNS, VALUE_FORMAT
+from utils.sensitivity.metrics import COLUMNS, VALUE_FORMAT, ranking_name
 from utils.sensitivity.store import MemoryProgress, ProgressFile
 
 _logger = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ def _summary(values: dict[str, float], method: str) -> str:
 
 
 def analyse(probe: Callable[[str], dict[str, float]], layers: Sequence[str], progress: ProgressFile | MemoryProgress,
-            *, method: str, baselines: bool = True, on_layer: Callable[[str, dict[str, Any]], None] | None = None,
+            *, method: str, direction: str = "single", baselines: bool = True,
+            on_layer: Callable[[str, dict[str, Any]], None] | None = None,
             show_progress: bool = True) -> dict[str, dict[str, Any]]:
     """Probe every layer not yet in ``progress`` (in order), appending each result as soon as it is known.
 
@@ -46,7 +48,8 @@ def analyse(probe: Callable[[str], dict[str, float]], layers: Sequence[str], pro
     todo = [name for name in layers if name not in progress.layers]
     index = {name: i for i, name in enumerate(layers)}
     with logging_redirect_tqdm(), tqdm(total=len(layers), initial=len(layers) - len(todo), unit="layer",
-                                       desc=f"sensitivity [{method}]", file=sys.stderr, disable=not show_progress,
+                                       desc=f"sensitivity [{ranking_name(method, direction)}]", file=sys.stderr,
+                                       disable=not show_progress,
                                        dynamic_ncols=True) as bar:
         for name in todo:
             start = time.perf_counter()

@@ -5,7 +5,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from utils.sensitivity.metrics import HIGHER_IS_LESS_SENSITIVE, check_method
+from utils.sensitivity.metrics import higher_is_less_sensitive
 
 
 def average_ranks(values: Sequence[float]) -> list[float]:
@@ -36,9 +36,9 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
 
 
-def sensitivity_scores(values: Sequence[float], method: str) -> list[float]:
-    """Values turned so that larger = more sensitive, for comparing methods."""
-    return [-v for v in values] if HIGHER_IS_LESS_SENSITIVE[check_method(method)] else list(values)
+def sensitivity_scores(values: Sequence[float], method: str, direction: str = "single") -> list[float]:
+    """Values turned so that larger = more sensitive, for comparing methods and directions."""
+    return [-v for v in values] if higher_is_less_sensitive(method, direction) else list(values)
 
 
 def top_k_overlap(order_a: Sequence[Any], order_b: Sequence[Any], k: int) -> int:

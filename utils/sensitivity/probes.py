@@ -1,7 +1,8 @@
 """Probes: a layer name in, its sensitivity values out (``map``: COCO mAP; ``sqnr``/``cosine``/``mse``: proxies).
 
-Each probe quantizes the one layer it is asked about (all others in float) and measures the model; ``baselines()``
-gives the float and / or full-PTQ values the per-layer ones are read against.
+Direction ``single``: the probe quantizes the one layer it is asked about (all others in float); ``revert``: it
+returns that one layer to float (all others INT8). Either way it measures the model; ``baselines()`` gives the
+float and / or full-PTQ values the per-layer ones are read against.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from utils.errors import InputError
 from utils.inference.evaluate import evaluate
 from utils.inference.runners import TorchRunner
 from utils.quant import quantizers as quant
-from utils.sensitivity.metrics import PROXY_METHODS, DetectionError
+from utils.sensitivity.metrics import PROXY_METHODS, DetectionError, check_direction
 from utils.sensitivity.reuse import ForwardReuse
 
 _logger = logging.getLogger(__name__)
@@ -45,24 +46,46 @@ def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
     return [model] + [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
 
 
+def set_probe_state(model: nn.Module, layer: str, direction: str) -> None:
+    """single: only ``layer`` INT8; revert: every layer INT8 but ``layer``."""
+    if check_direction(direction) == "single":
+        quant.quantize_only(model, [layer])
+    else:
+        quant.enable_all(model)
+        quant.set_quantized(model, [layer], False)
+
+
+def split_halves(image_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Two interleaved halves of an image list (even / odd positions): for split-half reliability."""
+    return {"half_a": list(image_ids[0::2]), "half_b": list(image_ids[1::2])}
+
+
 def _result(metrics: dict[str, Any]) -> dict[str, float]:
-    return {"mAP50": float(metrics["mAP50"]), "mAP50_95": float(metrics["mAP50_95"])}
+    values = {"mAP50": float(metrics["mAP50"]), "mAP50_95": float(metrics["mAP50_95"])}
+    for name, sub in metrics.get("subsets", {}).items():
+        values[f"mAP50_95_{name}"] = float(sub["mAP50_95"])
+    return values
 
 
 class MapProbe:
-    """COCO mAP with one layer quantized (YOLOv6's evaluation recipe, ``utils.inference.evaluate.evaluate``)."""
+    """COCO mAP with one layer quantized (``single``) or one layer back in float (``revert``), by YOLOv6's
+    evaluation recipe (``utils.inference.evaluate.evaluate``). Each value also comes on the two interleaved halves
+    of the images (``mAP50_95_half_a`` / ``_half_b``), from the same predictions: the ranking's split-half
+    reliability costs no extra inference."""
 
     method = "map"
 
     def __init__(self, model: nn.Module, dataset: CocoDetection, batch_size: int = 8, workers: int = 2,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", direction: str = "single"):
         self.model, self.dataset = model, dataset
         self.batch_size, self.workers = batch_size, workers
+        self.direction = check_direction(direction)
         self.runner = TorchRunner(model, device)
+        self.halves = split_halves(dataset.image_ids)
 
     def _evaluate(self) -> dict[str, float]:
         return _result(evaluate(self.runner, self.dataset, batch_size=self.batch_size, workers=self.workers,
-                                progress=False))
+                                progress=False, subsets=self.halves))
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """mAP in float (every quantizer off) and with full PTQ (every quantizer on)."""
@@ -72,20 +95,25 @@ class MapProbe:
         return {"fp": fp, "ptq": self._evaluate()}
 
     def __call__(self, layer: str) -> dict[str, float]:
-        quant.quantize_only(self.model, [layer])
+        set_probe_state(self.model, layer, self.direction)
         return self._evaluate()
 
 
 class ProxyProbe:
-    """Label-free proxy (``sqnr``, ``cosine`` or ``mse``) of one quantized layer's effect on the outputs."""
+    """Label-free proxy (``sqnr``, ``cosine`` or ``mse``) of the outputs against the float outputs, with one layer
+    quantized (``single``) or one layer back in float (``revert``).
+
+    Forward reuse replays the sub-modules a layer cannot affect from a recorded pass: the float pass (single) or
+    the full-INT8 pass (revert)."""
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], method: str,
                  device: str | torch.device = "cpu", reuse: bool = True, layers: Sequence[str] | None = None,
-                 reuse_max_bytes: int = 4 << 30):
+                 reuse_max_bytes: int = 4 << 30, direction: str = "single"):
         if method not in PROXY_METHODS:
             raise InputError(f"unknown proxy {method!r}; choose one of {', '.join(PROXY_METHODS)}")
         if not batches:
             raise InputError("no images for the proxy: pass a calibration folder with images")
+        self.direction = check_direction(direction)
         self.method, self.device = method, torch.device(device)
         self.model = model.to(self.device).eval()
         self.batches = [b.to(self.device) for b in batches]
@@ -116,11 +144,17 @@ class ProxyProbe:
         if self._refs is not None:
             return
         quant.disable_all(self.model)
-        self._refs = []
+        refs = []
+        record_float = self.reuse is not None and self.direction == "single"
         for x in tqdm(self.batches, desc="float reference", unit="batch", file=sys.stderr, leave=False):
             with self._capture_neck() as captured:
-                out = self.reuse.record(x) if self.reuse is not None else self.model(x)
-            self._refs.append((out, captured[-1] if captured else []))
+                out = self.reuse.record(x) if record_float else self.model(x)
+            refs.append((out, captured[-1] if captured else []))
+        if self.reuse is not None and self.direction == "revert":
+            quant.enable_all(self.model)
+            for x in tqdm(self.batches, desc="INT8 pass to reuse", unit="batch", file=sys.stderr, leave=False):
+                self.reuse.record(x)
+        self._refs = refs
 
     def _measure(self, changed: list[nn.Module] | None) -> dict[str, float]:
         error = DetectionError()
@@ -155,5 +189,5 @@ class ProxyProbe:
 
     def __call__(self, layer: str) -> dict[str, float]:
         self.prepare()
-        quant.quantize_only(self.model, [layer])
+        set_probe_state(self.model, layer, self.direction)
         return self._measure(_ancestors(self.model, layer))

@@ -1,7 +1,8 @@
 """Sensitivity reports: the ranking as YOLOv6's text format, JSON, CSV, a PNG chart and a table; reading rankings.
 
-The text format is YOLOv6's ``quant_sensitivity_save`` (``<layer> <v1> <v2>`` per line); proxy files start with a
-``# metric:`` comment naming the column that ranks. ``read_ranking`` reads those and our JSON, most sensitive first.
+The text format is YOLOv6's ``quant_sensitivity_save`` (``<layer> <v1> <v2>`` per line); proxy files and revert
+rankings start with a ``# metric:`` comment naming the column that ranks (and ``direction: revert`` for rankings
+measured by returning one layer to float). ``read_ranking`` reads those and our JSON, most sensitive first.
 """
 from __future__ import annotations
 
@@ -18,43 +19,47 @@ from utils.errors import InputError
 from utils.fileio import atomic_output, atomic_write_text
 from utils.sensitivity.metrics import (
     COLUMNS,
-    HIGHER_IS_LESS_SENSITIVE,
     VALUE_FORMAT,
+    higher_is_less_sensitive,
     key_column,
+    ranking_name,
     sensitivity_order,
 )
 
 _HEADER_RE = re.compile(r"^#\s*metric:\s*(\w+)")
+_DIRECTION_RE = re.compile(r"^#.*\bdirection:\s*(\w+)")
 
 
 def build_report(header: dict[str, Any], records: dict[str, dict[str, Any]],
                  baselines: dict[str, dict[str, float]], args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rows in model order (name, type, shape, params, values, rank; rank 1 = most sensitive) + run metadata."""
-    method = header["method"]
+    method, direction = header["method"], header.get("direction", "single")
     key = key_column(method)
     rows = []
     for info in header["layers"]:
         record = records[info["name"]]
         rows.append({"name": info["name"], "type": info.get("type"), "shape": info.get("weight_shape"),
                      "params": info.get("params"), **record["values"], "seconds": record.get("seconds")})
-    for rank, i in enumerate(sensitivity_order([row[key] for row in rows], method), 1):
+    for rank, i in enumerate(sensitivity_order([row[key] for row in rows], method, direction), 1):
         rows[i]["rank"] = rank
-    return {"method": method, "metric": key, "higher_is_less_sensitive": HIGHER_IS_LESS_SENSITIVE[method],
+    return {"method": method, "direction": direction, "metric": key,
+            "higher_is_less_sensitive": higher_is_less_sensitive(method, direction),
             "columns": list(COLUMNS[method]), "model": header["model"], "calibration": header["calibration"],
             "img_size": header["img_size"], "data": header["data"], "baselines": baselines, "layers": rows,
             "args": args or {}}
 
 
-def format_sensitivity(rows: Sequence[dict[str, Any]], method: str) -> str:
+def format_sensitivity(rows: Sequence[dict[str, Any]], method: str, direction: str = "single") -> str:
     """The text ranking: ``<layer> <v1> <v2>`` per line in model order, as YOLOv6's quant_sensitivity_save writes
-    (mAP50 / mAP50:95, 4 decimals, no header for ``map``); proxy files start with a ``# metric:`` comment."""
+    (mAP50 / mAP50:95, 4 decimals, no header for ``map`` quantized one layer at a time); proxy files and revert
+    rankings start with a ``# metric:`` comment."""
     first, second = COLUMNS[method]
     fmt = VALUE_FORMAT[method]
     lines = []
-    if method != "map":
-        direction = "higher" if HIGHER_IS_LESS_SENSITIVE[method] else "lower"
-        lines.append(f"# metric: {second} ({direction} = less sensitive; columns: layer {first} {second}; "
-                     f"ranked by {second})")
+    if method != "map" or direction != "single":
+        better = "higher" if higher_is_less_sensitive(method, direction) else "lower"
+        lines.append(f"# metric: {second} ({better} = less sensitive; columns: layer {first} {second}; "
+                     f"ranked by {second}; direction: {direction})")
     lines += [f"{row['name']} {fmt.format(row[first])} {fmt.format(row[second])}" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -80,6 +85,15 @@ def parse_sensitivity(text: str, source: str = "sensitivity file") -> tuple[list
             raise InputError(f"{source} line {number}: expected '<layer> <value> <value>', got {stripped[:80]!r}"
                              ) from None
     return rows, metric
+
+
+def ranking_direction(text: str) -> str:
+    """The direction a text ranking was measured in: ``revert`` if its comment says so, else ``single``."""
+    for line in text.splitlines():
+        match = _DIRECTION_RE.match(line.strip())
+        if match:
+            return match[1]
+    return "single"
 
 
 def read_sensitivity(path: str | Path) -> tuple[list[tuple[str, float, float]], str]:
@@ -115,29 +129,32 @@ def _plot(path: Path, report: dict[str, Any]) -> Path:
     ax.barh(range(len(rows)), [r[key] for r in rows], color="tab:red")
     ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=7)
     ax.invert_yaxis()
-    direction = "higher" if report["higher_is_less_sensitive"] else "lower"
-    ax.set_xlabel(f"{key} with only this layer quantized ({direction} = less sensitive)")
+    better = "higher" if report["higher_is_less_sensitive"] else "lower"
+    what = "only this layer back in float" if report.get("direction") == "revert" else "only this layer quantized"
+    ax.set_xlabel(f"{key} with {what} ({better} = less sensitive)")
     for name, values in report["baselines"].items():
         if key in values:
             ax.axvline(values[key], ls="--", lw=1, color="k" if name == "fp" else "tab:blue", label=name)
     if report["baselines"]:
         ax.legend(loc="lower right")
-    ax.set_title(f"quantization sensitivity ({report['method']}), most sensitive first")
+    ax.set_title(f"quantization sensitivity ({ranking_name(report['method'], report.get('direction', 'single'))}),"
+                 " most sensitive first")
     fig.tight_layout()
     with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, metadata={"Software": None})
     return path
 
 
-def report_paths(output: str | Path, method: str) -> dict[str, Path]:
-    stem = Path(output) / f"sensitivity_{method}"
+def report_paths(output: str | Path, method: str, direction: str = "single") -> dict[str, Path]:
+    stem = Path(output) / f"sensitivity_{ranking_name(method, direction)}"
     return {kind: stem.with_suffix(f".{kind}") for kind in ("txt", "json", "csv", "png")}
 
 
 def write_reports(output: str | Path, report: dict[str, Any], plot: bool = True) -> dict[str, Path]:
     """Text ranking, JSON, CSV (and a PNG chart) under ``output``, each written atomically."""
-    paths = report_paths(output, report["method"])
-    atomic_write_text(paths["txt"], format_sensitivity(report["layers"], report["method"]))
+    direction = report.get("direction", "single")
+    paths = report_paths(output, report["method"], direction)
+    atomic_write_text(paths["txt"], format_sensitivity(report["layers"], report["method"], direction))
     write_json(paths["json"], report)
     atomic_write_text(paths["csv"], _csv_text(report["layers"]))
     if plot:
@@ -192,7 +209,11 @@ def read_ranking(path: str | Path) -> list[str]:
         rows, metric = read_sensitivity(path)
         method = _metric_method(metric, str(path))
         column = COLUMNS[method].index(metric) + 1
-        order = [rows[i][0] for i in sensitivity_order([row[column] for row in rows], method)]
+        direction = ranking_direction(path.read_text())
+        if direction not in ("single", "revert"):
+            raise InputError(f"{path}: unknown direction {direction!r} in its '# metric:' line; write the file with "
+                             "sensitivity_analyse.py")
+        order = [rows[i][0] for i in sensitivity_order([row[column] for row in rows], method, direction)]
     if not order:
         raise InputError(f"sensitivity file {path} lists no layers; run sensitivity_analyse.py again")
     duplicates = sorted({name for name in order if order.count(name) > 1})

@@ -16,7 +16,7 @@ from typing import Any
 
 from utils.errors import InputError
 from utils.fileio import atomic_write_text
-from utils.sensitivity.metrics import check_method
+from utils.sensitivity.metrics import check_direction, check_method, ranking_name
 
 _logger = logging.getLogger(__name__)
 
@@ -36,23 +36,28 @@ def shard_layers(layers: Sequence[str], shard: tuple[int, int] | None) -> list[s
     return list(layers) if shard is None else list(layers[shard[0]::shard[1]])
 
 
-def progress_path(output: str | Path, method: str, shard: tuple[int, int] | None = None) -> Path:
+def progress_path(output: str | Path, method: str, shard: tuple[int, int] | None = None,
+                  direction: str = "single") -> Path:
     suffix = "" if shard is None else f".shard{shard[0]}of{shard[1]}"
-    return Path(output) / f"progress_{method}{suffix}.jsonl"
+    return Path(output) / f"progress_{ranking_name(method, direction)}{suffix}.jsonl"
 
 
 def make_header(*, model: dict[str, Any], method: str, calibration: dict[str, Any], img_size: int,
-                data: dict[str, Any], layer_info: list[dict[str, Any]], shard: tuple[int, int] | None) -> dict:
+                data: dict[str, Any], layer_info: list[dict[str, Any]], shard: tuple[int, int] | None,
+                direction: str = "single") -> dict:
     """The first line of a progress file: what the results are valid for."""
     calibration = {k: v for k, v in calibration.items() if k in ("method", "percentile", "amax_sha256")}
     layers = [{k: info.get(k) for k in ("name", "type", "weight_shape", "params")} for info in layer_info]
     return {"type": "header", "format": PROGRESS_FORMAT, "version": PROGRESS_VERSION, "model": model,
-            "method": check_method(method), "calibration": calibration, "img_size": img_size, "data": data,
+            "method": check_method(method), "direction": check_direction(direction), "calibration": calibration,
+            "img_size": img_size, "data": data,
             "layers": layers, "shard": list(shard) if shard else None}
 
 
-_HEADER_FIELDS = ("format", "version", "model", "method", "calibration", "img_size", "data", "layers", "shard")
-_FIELD_WORDS = {"model": "model (weights sha256 / config)", "method": "method", "calibration": "calibration",
+_HEADER_FIELDS = ("format", "version", "model", "method", "direction", "calibration", "img_size", "data", "layers",
+                  "shard")
+_FIELD_WORDS = {"model": "model (weights sha256 / config)", "method": "method", "direction": "direction",
+                "calibration": "calibration",
                 "img_size": "image size", "data": "evaluation data", "layers": "layer list", "shard": "shard"}
 
 
@@ -71,7 +76,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_progress(path: str | Path, model: dict[str, Any], method: str, resume: bool, overwrite: bool) -> None:
+def check_progress(path: str | Path, model: dict[str, Any], method: str, resume: bool, overwrite: bool,
+                   direction: str = "single") -> None:
     """Fail fast (before calibrating) on a progress file that is there without --resume, or of another model or
     method; the full header check happens in ProgressFile."""
     path = Path(path)
@@ -81,7 +87,8 @@ def check_progress(path: str | Path, model: dict[str, Any], method: str, resume:
         raise InputError(f"{path} exists (an earlier run): pass --resume to continue it or --overwrite to start over")
     if resume:
         saved = read_progress(path)[0]
-        problem = _mismatch(saved, {**saved, "model": model, "method": method}, ("model", "method"))
+        problem = _mismatch(saved, {**saved, "model": model, "method": method, "direction": direction},
+                            ("model", "method", "direction"))
         if problem:
             raise InputError(f"cannot resume {path}: it was written for {problem}; use another --output, or "
                              "--overwrite to start over")
@@ -120,6 +127,7 @@ def read_progress(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]
     if not records or records[0].get("type") != "header" or records[0].get("format") != PROGRESS_FORMAT:
         raise InputError(f"{path} is not a sensitivity progress file (no header line); remove it or pass "
                          "--overwrite")
+    records[0].setdefault("direction", "single")  # files written before there were two directions
     return records[0], records[1:], good
 
 
@@ -185,20 +193,20 @@ class MemoryProgress:
 
 
 
-def merge_shards(output: str | Path, method: str,
-                 model: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict]:
-    """Join ``progress_<method>.shardKofN.jsonl`` files: (header, layer records, baselines).
+def merge_shards(output: str | Path, method: str, model: dict[str, Any] | None = None,
+                 direction: str = "single") -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict]:
+    """Join ``progress_<method>[_revert].shardKofN.jsonl`` files: (header, layer records, baselines).
 
     Raises:
         InputError: no shard files, headers that disagree (or name another ``model``), a missing shard, or layers
             missing / analysed twice.
     """
-    output = Path(output)
-    pattern = re.compile(rf"progress_{re.escape(method)}\.shard(\d+)of(\d+)\.jsonl$")
-    files = sorted((p for p in output.glob(f"progress_{method}.shard*of*.jsonl") if pattern.search(p.name)),
+    output, name = Path(output), ranking_name(method, direction)
+    pattern = re.compile(rf"progress_{re.escape(name)}\.shard(\d+)of(\d+)\.jsonl$")
+    files = sorted((p for p in output.glob(f"progress_{name}.shard*of*.jsonl") if pattern.search(p.name)),
                    key=lambda p: tuple(int(g) for g in pattern.search(p.name).groups()))
     if not files:
-        raise InputError(f"no shard progress files progress_{method}.shardKofN.jsonl in {output}: run the shards "
+        raise InputError(f"no shard progress files progress_{name}.shardKofN.jsonl in {output}: run the shards "
                          "with --shard K/N first")
     reference, records, baselines, seen = None, {}, {}, {}
     for path in files:
