@@ -7,9 +7,10 @@ from tests.helpers import SIZE, calibrated_tiny, tiny_detector
 from utils.data.calibration import proxy_batches
 from utils.data.coco import CocoDetection
 from utils.inference.evaluate import evaluate
+from utils.inference.output_error import DetectionError
 from utils.inference.runners import TorchRunner
 from utils.quant import quantizers as quant
-from utils.sensitivity.metrics import PROXY_METHODS, DetectionError, sensitivity_order
+from utils.sensitivity.metrics import PROXY_METHODS, sensitivity_order
 from utils.sensitivity.probes import MapProbe, ProxyProbe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +47,7 @@ def test_revert_probe_measures_the_model_with_only_that_layer_float(tiny_val):
     error = DetectionError()
     for x, ref in zip(batches, refs, strict=True):
         error.update(ref, qmodel(x))
-    assert values[layer] == pytest.approx(error.values("sqnr")["sqnr_db"], abs=1e-9)
+    assert values[layer] == pytest.approx(error.head("sqnr"), abs=1e-9)
     assert layers[sensitivity_order(list(values.values()), "sqnr", "revert")[0]] == layer
     assert probe.baselines()["ptq"]["sqnr_db"] < values[layer] - 10
 

@@ -20,9 +20,10 @@ from tqdm import tqdm
 from utils.data.coco import CocoDetection
 from utils.errors import InputError
 from utils.inference.evaluate import evaluate
+from utils.inference.output_error import DetectionError
 from utils.inference.runners import TorchRunner
 from utils.quant import quantizers as quant
-from utils.sensitivity.metrics import PROXY_METHODS, DetectionError, check_direction
+from utils.sensitivity.metrics import PROXY_METHODS, check_direction, detection_values
 from utils.sensitivity.reuse import ForwardReuse
 
 _logger = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class ProxyProbe:
             else:
                 out, feats = self._forward(x)
             error.update(ref, out, ref_feats, feats)
-        return error.values(self.method)
+        return detection_values(error, self.method)
 
     def _check_reuse(self, x: torch.Tensor, out: torch.Tensor,
                      feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:

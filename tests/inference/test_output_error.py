@@ -1,5 +1,5 @@
-"""Tests for utils/sensitivity/metrics.py: SQNR / cosine / MSE and the head's box and score parts equal hand
-computations."""
+"""Tests for utils/inference/output_error.py (and the proxies' values from it, utils/sensitivity/metrics.py): SQNR /
+cosine / MSE and the head's box and score parts equal hand computations."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from utils.sensitivity.metrics import (
+from utils.inference.output_error import (
     MSE_CAP,
     SQNR_CAP_DB,
     DetectionError,
@@ -18,6 +18,7 @@ from utils.sensitivity.metrics import (
     mse,
     sqnr_db,
 )
+from utils.sensitivity.metrics import detection_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +63,7 @@ def test_head_parts_normalise_boxes_and_weight_by_score():
     assert torch.allclose(box_test - box_ref, torch.tensor([2.0, 0.0, 2.0, 0.0]) / size)
     assert weight.item() == pytest.approx(0.5) and torch.equal(score_ref, score_test)
     error = DetectionError().update(ref, test)
-    values = error.values("sqnr")
+    values = detection_values(error, "sqnr")
     assert values["sqnr_db_score"] == SQNR_CAP_DB
     assert values["sqnr_db_box"] == pytest.approx(10 * math.log10(250 / 8))
     assert values["sqnr_db"] == pytest.approx(-10 * math.log10((8 / 250) / 2), rel=1e-6)
