@@ -1,7 +1,8 @@
 """Calibration of the quantized model: amax from calibration images, saved and loaded with the deployed weights.
 
-Inputs are calibrated per tensor (max / percentile / entropy / mse), weights per channel by max |w|; calibrated
-checkpoints hold FP32 amax and load with ``torch.load(weights_only=True)``.
+Inputs are calibrated per tensor (max / percentile / entropy / mse, or ``auto``: each quantizer's amax chosen among
+all of them, ``utils.quant.amax_choice``), weights per channel by max |w|; calibrated checkpoints hold FP32 amax and
+load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from models import Checkpoint, model_from_checkpoint, save_checkpoint
 from models.checkpoint import FORMAT
 from utils.errors import InputError
+from utils.quant.amax_choice import candidate_amax, choose_amax, tracking_max
 from utils.quant.compat import TensorQuantizer, calib, device_safe, quiet_library_logs
 from utils.quant.quantizers import (
     DEFAULT_SKIP,
@@ -95,17 +97,23 @@ def _batch_images(batch: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _feed(model: nn.Module, loader: Iterable[Any], num_batches: int, device: torch.device) -> tuple[int, int]:
-    """Run the first ``num_batches`` batches through ``model``; returns (batches, images) used."""
+def _feed(model: nn.Module, loader: Iterable[Any], num_batches: int, device: torch.device,
+          keep: int = 0) -> tuple[int, int, list[torch.Tensor]]:
+    """Run the first ``num_batches`` batches through ``model``; returns (batches, images) used and the first
+    ``keep`` images (as batches on ``device``)."""
     batches = images = 0
+    kept: list[torch.Tensor] = []
     for batch in tqdm(itertools.islice(loader, num_batches), total=num_batches, desc="calibrate", unit="batch",
                       file=sys.stderr, leave=False):
         x = _batch_images(batch)
         batches += 1
         if len(x):
-            model(x.to(device))
+            x = x.to(device)
+            model(x)
+            if images < keep:
+                kept.append(x[:keep - images])
             images += len(x)
-    return batches, images
+    return batches, images, kept
 
 
 def _weight_amax(layer: nn.Module) -> torch.Tensor:
@@ -128,6 +136,24 @@ def _load_amax(layers: dict[str, nn.Module], method: str, percentile: float) -> 
         quantizer._calibrator.reset()  # drop histograms (up to MBs per layer)
         if getattr(layer, "weight_quantizer", None) is not None:
             layer.weight_quantizer.register_buffer("_amax", _weight_amax(layer))
+
+
+def _auto_amax(model: nn.Module, layers: dict[str, nn.Module], maxima: dict[str, float],
+               images: list[torch.Tensor], entropy_stride: int) -> dict[str, Any]:
+    """``auto``: every candidate amax from the collected histograms, the best assignment applied (on/off states
+    kept); returns amax_choice.choose_amax's record."""
+    candidates = {}
+    for name, layer in tqdm(layers.items(), desc="auto: candidates", unit="layer", file=sys.stderr, leave=False):
+        candidates[name] = candidate_amax(layer.input_quantizer._calibrator, maxima[name], entropy_stride)
+        layer.input_quantizer._calibrator.reset()  # drop histograms (up to MBs per layer)
+        if getattr(layer, "weight_quantizer", None) is not None:
+            layer.weight_quantizer.register_buffer("_amax", _weight_amax(layer))
+    states = {q: q._disabled for layer in layers.values() for q in layer_quantizers(layer)}
+    try:
+        return choose_amax(model, layers, candidates, images, _replace_dead)
+    finally:
+        for quantizer, was_disabled in states.items():
+            quantizer._disabled = was_disabled
 
 
 def _replace_dead(amax: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -163,18 +189,23 @@ def _warn_dead(replaced: dict[str, int], model: nn.Module) -> None:
 
 
 def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method: str = "max",
-              percentile: float = 99.99, device: str | torch.device | None = None) -> dict[str, Any]:
+              percentile: float = 99.99, device: str | torch.device | None = None, auto_images: int = 16,
+              entropy_stride: int = 1) -> dict[str, Any]:
     """Set every quantizer's amax from the first ``num_batches`` batches of ``loader`` (in place, deterministic).
 
-    Inputs are calibrated per tensor by ``method``: ``max`` (max calibrator) or ``percentile`` / ``entropy`` /
-    ``mse`` (histograms); weights per channel (axis 0) by max |w|. On/off states are kept; calibration runs in float.
+    Inputs are calibrated per tensor by ``method``: ``max`` (max calibrator), ``percentile`` / ``entropy`` /
+    ``mse`` (histograms) or ``auto`` (every candidate from one histogram pass, chosen on the first ``auto_images``
+    images: ``utils.quant.amax_choice``); weights per channel (axis 0) by max |w|. On/off states are kept;
+    calibration runs in float.
 
     Args:
         loader: batches as ``collate_detection`` makes them (items with ``ok`` False are left out) or image tensors.
         device: where the model runs (moved there); None keeps the model's device.
+        entropy_stride: ``auto``: stride of the entropy candidate's search (1: as ``entropy``; larger is faster).
 
     Returns:
-        A summary (method, percentile, batches, images, dead amax count), also kept as ``model.quant_calib``.
+        A summary (method, percentile, batches, images, dead amax count; ``auto``: its choice record), also kept
+        as ``model.quant_calib``.
     """
     _check_calib_args(method, num_batches, percentile)
     layers = resolve_layers(model, None)
@@ -183,13 +214,17 @@ def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method:
         _logger.warning("the calibration loader shuffles: amax will differ from run to run; use shuffle=False")
     was_training = model.training
     model.to(device).eval()
+    auto = method == "auto"
     with quiet_library_logs(), device_safe(device):
-        with _collecting(layers, method):
-            batches, images = _feed(model, loader, num_batches, device)
+        with _collecting(layers, method), tracking_max(layers) as maxima:
+            batches, images, kept = _feed(model, loader, num_batches, device, keep=auto_images if auto else 0)
         if images == 0:
             raise InputError(f"no readable image in the first {num_batches} calibration batches: check the "
                              "calibration images")
-        _load_amax(layers, method, percentile)
+        if auto:
+            choice = _auto_amax(model, layers, maxima, kept, entropy_stride)
+        else:
+            _load_amax(layers, method, percentile)
     replaced = _finalize_amax(model, device)
     _warn_dead(replaced, model)
     model.train(was_training)
@@ -198,6 +233,8 @@ def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method:
     summary = {"method": method, "batches": batches, "images": images, "dead_amax": sum(replaced.values())}
     if method == "percentile":
         summary["percentile"] = float(percentile)
+    if auto:
+        summary["auto"] = choice
     model.quant_calib = summary
     _logger.info("calibrated %d layers (%s) on %d images", len(layers), method, images)
     return summary
@@ -362,6 +399,8 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
         record = {"method": info.get("method", "?"), "source": str(calib_weights)}
         if "percentile" in info:
             record["percentile"] = info["percentile"]
+        if "auto" in info:
+            record["auto"] = {k: info["auto"][k] for k in ("selected", "scores", "counts") if k in info["auto"]}
     else:
         if loader is None:
             raise InputError("no calibration data: pass --data-root with calibration images or --calib-weights")
@@ -369,5 +408,7 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
                             device=device)
         record = {k: summary[k] for k in ("method", "percentile") if k in summary}
         record.update(source="calibrated", images=summary["images"], dead_amax=summary["dead_amax"])
+        if "auto" in summary:
+            record["auto"] = {k: summary["auto"][k] for k in ("selected", "scores", "counts")}
     record["amax_sha256"] = amax_sha256(qmodel)
     return qmodel.to(torch.device(device)).eval(), record

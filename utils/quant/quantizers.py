@@ -18,7 +18,7 @@ from models import is_deployed
 from utils.errors import InputError
 from utils.quant.compat import QuantDescriptor, TensorQuantizer, quant_nn, quiet_library_logs
 
-METHODS = ("max", "percentile", "entropy", "mse")
+METHODS = ("max", "percentile", "entropy", "mse", "auto")  # auto: utils.quant.amax_choice
 # proj_conv: DFL's fixed integration weights 0..16 (quantizing them only costs accuracy);
 # reg_preds_dist: the training-only DFL branch of distill-ns heads, never run in eval mode nor exported.
 DEFAULT_SKIP = ("detect.proj_conv", "detect.reg_preds_dist")
