@@ -8,7 +8,10 @@ reading one tensor; traced from the model). Prints FP / full-PTQ / partial mAP, 
 (verified on ONNX Runtime against PyTorch) and partial_quant.json in --output-dir.
 
 --target-drop chooses layers by re-measuring mAP: give it its own labelled images (--search-data/--search-images,
-e.g. training images) so that the mAP reported on --data/--images is not tuned to the report set.
+e.g. training images) so that the mAP reported on --data/--images is not tuned to the report set. With --rerank PROXY
+it needs no ranking file: after each layer goes float it re-ranks the remaining INT8 layers by the label-free proxy
+(returning each to float on the current partial model, on --proxy-images images of --data-root) and measures mAP
+only to find where the budget is met (1, 2, 4, ... float layers, then bisection), then runs the revert pass.
 """
 from __future__ import annotations
 
@@ -32,11 +35,12 @@ from utils.cli import (
     run_cli,
     write_json,
 )
-from utils.data.calibration import calibration_loader
+from utils.data.calibration import calibration_loader, proxy_batches
 from utils.data.coco import CocoDetection
 from utils.deploy.onnx_export import build_hint, export_verified, verification_batch
 from utils.errors import InputError
 from utils.fallback.report import format_summary, summary
+from utils.fallback.rerank import GreedyOrder, search_rerank
 from utils.fallback.rules import PartialModel, check_ranking, choose_float_layers
 from utils.fileio import check_output_file
 from utils.inference.evaluate import evaluate
@@ -44,6 +48,8 @@ from utils.inference.runners import OnnxRuntimeRunner, TorchRunner
 from utils.quant import calibration
 from utils.quant import quantizers as quant
 from utils.quant.calibration import calibrated_model
+from utils.sensitivity.metrics import PROXY_METHODS
+from utils.sensitivity.probes import ProxyProbe
 from utils.sensitivity.report import read_ranking
 
 _logger = logging.getLogger("partial_quant")
@@ -62,7 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     cal.add_argument("--data-root", default=None, metavar="DIR", help="calibration image folder")
     cal.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch")
     cal.add_argument("--batch-number", type=positive_int, default=4, metavar="N", help="calibration batches")
-    cal.add_argument("--calib-method", choices=quant.METHODS, default=None, help="amax calibration (default: max)")
+    cal.add_argument("--calib-method", choices=quant.METHODS, default=None,
+                     help="amax calibration (default: max; auto: each quantizer's best of max / percentile / entropy "
+                          "/ mse, chosen by the head output's error against float)")
     cal.add_argument("--percentile", type=float, default=99.99, metavar="P", help="for --calib-method percentile")
     cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size")
     cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
@@ -71,7 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--images", required=True, metavar="DIR", help="images of --data")
     ev.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="first N images only")
     fb = parser.add_argument_group("float fallback (exactly one of --skip-layers, --quant-boundary, --target-drop)")
-    fb.add_argument("--sensitivity-file", required=True, metavar="FILE", help="ranking (.json or .txt)")
+    fb.add_argument("--sensitivity-file", default=None, metavar="FILE",
+                    help="ranking (.json or .txt); not used with --rerank")
     rule = fb.add_mutually_exclusive_group(required=True)
     rule.add_argument("--skip-layers", type=non_negative_int, metavar="N", help="the N most sensitive stay float")
     rule.add_argument("--quant-boundary", type=non_negative_int, metavar="K",
@@ -80,6 +89,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     fb.add_argument("--max-float-layers", type=non_negative_int, default=None, metavar="N",
                     help="--target-drop: at most N float layers (default: the whole ranking)")
     fb.add_argument("--no-revert", action="store_true", help="--target-drop: skip the revert pass")
+    fb.add_argument("--rerank", choices=PROXY_METHODS, default=None,
+                    help="--target-drop: re-rank the INT8 layers by this proxy after every float layer (no ranking "
+                         "file; needs --data-root for the proxy's images)")
+    fb.add_argument("--rerank-pool", type=positive_int, default=24, metavar="N",
+                    help="--rerank: layers re-scored per step (the N best by their last score)")
+    fb.add_argument("--proxy-images", type=positive_int, default=32, metavar="N",
+                    help="--rerank: calibration images the proxy compares outputs on")
     fb.add_argument("--search-data", default=None, metavar="JSON",
                     help="--target-drop: COCO annotations the search measures on (default: --data, which makes the "
                          "reported mAP optimistic)")
@@ -122,6 +138,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("pass --search-data and --search-images together (annotations and their image folder)")
     if args.target_drop is None and (args.search_data or args.search_max_images):
         raise InputError("--search-data / --search-max-images apply to --target-drop only")
+    if args.rerank and args.target_drop is None:
+        raise InputError("--rerank applies to --target-drop only")
+    if args.rerank and args.sensitivity_file:
+        raise InputError("--rerank ranks the layers itself: drop --sensitivity-file")
+    if args.rerank and not args.data_root:
+        raise InputError("--rerank compares outputs on calibration images: pass --data-root DIR")
+    if not args.rerank and not args.sensitivity_file:
+        raise InputError("pass --sensitivity-file FILE (a ranking from sensitivity_analyse.py), or --target-drop "
+                         "with --rerank PROXY")
 
 
 def search_set(args: argparse.Namespace, report_set: CocoDetection) -> CocoDetection:
@@ -151,6 +176,22 @@ def calibrated(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
                             percentile=args.percentile, device=device)
 
 
+def rerank_choice(args: argparse.Namespace, model: PartialModel, qmodel: torch.nn.Module, device: torch.device,
+                  measure: Any, fp_map: float, log_step: Any) -> dict[str, Any]:
+    """--target-drop with --rerank: the proxy-greedy float set (utils.fallback.rerank)."""
+    batches, _ = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size, args.workers)
+    probe = ProxyProbe(qmodel, batches, args.rerank, device, direction="revert", apply_float=model.set_float,
+                       coupled=model.coupled(), progress=not args.no_progress)
+    order = GreedyOrder(probe, model.layers, args.rerank_pool,
+                        on_step=lambda s: _logger.info("re-ranked %3d: %s (%s gain %.4f, %d probes)",
+                                                       s["float_layers"], s["layer"], args.rerank, s["proxy"],
+                                                       s["probes"]))
+    result = search_rerank(order, measure, fp_map, args.target_drop, max_float=args.max_float_layers,
+                           revert=not args.no_revert, on_step=log_step)
+    _logger.info("re-ranking search: %d mAP evaluations, %d proxy probes", result["evaluations"], result["probes"])
+    return {"rule": f"target-drop {args.target_drop} (re-ranked by {args.rerank})", **result}
+
+
 def export_partial(args: argparse.Namespace, qmodel: torch.nn.Module, paths: dict[str, Path]) -> dict[str, Any]:
     """The verified Q/DQ ONNX and its record; returns the report's export fields."""
     batch = args.export_batch_size
@@ -173,8 +214,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     searching = search_set(args, report_set)
     qmodel, calib = calibrated(args, device)
     model = PartialModel(qmodel)
-    order = read_ranking(args.sensitivity_file)
-    check_ranking(order, model.layers, str(args.sensitivity_file))
+    order: list[str] = []
+    if not args.rerank:
+        order = read_ranking(args.sensitivity_file)
+        check_ranking(order, model.layers, str(args.sensitivity_file))
 
     map50: dict[str, float] = {}  # mAP@.5 of the report-set rows, recorded beside the mAP@.5:.95 that decides
 
@@ -193,11 +236,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.target_drop is not None and not same:
         search_maps = {"fp_map": measure(list(model.layers)), "ptq_map": measure([])}
         _logger.info("search set: FP mAP50:95 %.4f, full PTQ %.4f", search_maps["fp_map"], search_maps["ptq_map"])
-    choice = choose_float_layers(
-        model, order, skip_layers=args.skip_layers, quant_boundary=args.quant_boundary, target_drop=args.target_drop,
-        measure=measure, fp_map=search_maps["fp_map"], max_float=args.max_float_layers, revert=not args.no_revert,
-        on_step=lambda s: _logger.info("%-11s %-55s mAP50:95 %.4f drop %.4f (%d float)", s["action"], s["layer"] or "-",
-                                       s["map"], s["drop"], s["float_layers"]))
+    log_step = lambda s: _logger.info("%-11s %-55s mAP50:95 %.4f drop %.4f (%d float)",  # noqa: E731
+                                      s["action"], s["layer"] or "-", s["map"], s["drop"], s["float_layers"])
+    if args.rerank:
+        choice = rerank_choice(args, model, qmodel, device, measure, search_maps["fp_map"], log_step)
+    else:
+        choice = choose_float_layers(
+            model, order, skip_layers=args.skip_layers, quant_boundary=args.quant_boundary,
+            target_drop=args.target_drop, measure=measure, fp_map=search_maps["fp_map"],
+            max_float=args.max_float_layers, revert=not args.no_revert, on_step=log_step)
     if "map" in choice:  # the search measured its final float set already (on the search set)
         search_maps["partial_map"] = choice["map"]
     partial_map = measure(choice["float_layers"], report_set, "partial")
@@ -206,6 +253,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     report = summary(fp_map, ptq_map, partial_map, model, choice, calib, args_dict(args))
     if args.target_drop is not None:
         report["search"] = search_record(args, searching, same, search_maps)
+        report["search"].update({k: choice[k] for k in ("evaluations", "probes", "sequence") if k in choice})
     if not args.no_export:
         report.update(export_partial(args, qmodel, paths))
         if args.eval_onnx:

@@ -135,7 +135,8 @@ def _probe(args: argparse.Namespace, qmodel: torch.nn.Module, layers: list[str],
     batches, dataset = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
                                      args.workers)
     data = {"images_sha256": images_sha256(dataset), "images": len(dataset)}
-    return ProxyProbe(qmodel, batches, args.method, device, layers=layers, direction=args.direction), data
+    return ProxyProbe(qmodel, batches, args.method, device, layers=layers, direction=args.direction,
+                      progress=not args.no_progress), data
 
 
 def _finish(args: argparse.Namespace, output: Path, header: dict, records: dict, baselines: dict,

@@ -1,23 +1,32 @@
-"""The seed's table on real data: float, full INT8 per calibrator, the seed's partial quantization, its Q/DQ ONNX.
+"""The seed's method and ours side by side on real data: float, full INT8 per calibrator, partial quantization both
+ways, their Q/DQ ONNX, and how well each label-free proxy agrees with per-layer mAP in each direction.
 
 For one checkpoint and real labelled sets (ranking and search on the train set, every reported mAP on the val set):
 
 1. float mAP;
-2. full INT8 mAP for each calibrator (max, percentile 99.9 / 99.99 / 99.999, entropy, mse), calibrated on the first
-   --calib-images train images;
+2. full INT8 mAP for each calibrator (max, percentile 99.9 / 99.99 / 99.999, entropy, mse, and auto: each
+   quantizer's best of them), calibrated on the first --calib-images train images;
 3. the seed's partial quantization (YOLOv6's tools/partial_quantization): rank every layer by the mAP of the model
    with that layer alone quantized (sensitivity_analyse.py --method map on the train set), then partial_quant.py
    --target-drop on the train set (float layers added most sensitive first, then the revert pass), calibrated with
-   --partial-calibrator;
-4. that partial model's Q/DQ ONNX, verified against PyTorch and evaluated on ONNX Runtime (a failed verification
+   --partial-calibrator; and the same ranking with as many float layers as ours kept (--skip-layers);
+4. ours: --method-calibrator calibration (auto), then partial_quant.py --target-drop --rerank PROXY on the train
+   set (no ranking stage: the search re-ranks by the proxy on the current partial model);
+5. each partial model's Q/DQ ONNX, verified against PyTorch and evaluated on ONNX Runtime (a failed verification
    is reported in its row, and the ONNX is still evaluated);
+6. proxy quality (unless --no-proxy-quality): every layer ranked by map and by each proxy, in both directions
+   (single: quantize the layer alone; revert: return it alone to float from full INT8), on the seed's calibration;
+   Spearman's rho and top-10 overlap of each proxy against map, map's split-half reliability (its ranking on the
+   even against the odd train images) and the seconds per layer;
 
-with the wall time of every stage. Prints the table and writes it as JSON. Long stages keep their progress under
---output-dir: rerunning the same command resumes the per-layer ranking where it stopped.
+with the wall time of every stage. Prints the tables and writes them as JSON. Long stages keep their progress under
+--output-dir: rerunning the same command resumes the per-layer rankings, and reuses a finished partial search whose
+arguments are unchanged.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -52,6 +61,8 @@ from utils.errors import InputError  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
+from utils.sensitivity.agreement import sensitivity_scores, spearman, top_k_overlap  # noqa: E402
+from utils.sensitivity.metrics import DIRECTIONS, PROXY_METHODS, key_column  # noqa: E402
 
 _logger = logging.getLogger("real_coco_benchmark")
 SHARED = _REPO_ROOT.parent / "shared" / "fixtures"
@@ -61,7 +72,7 @@ DEFAULTS = {"weights": SHARED / "yolov6lite-coco" / "yolov6lite_s_coco_fused.pt"
 # name -> (calibration method, percentile)
 CALIBRATORS = {"max": ("max", None), "percentile-99.9": ("percentile", 99.9),
                "percentile-99.99": ("percentile", 99.99), "percentile-99.999": ("percentile", 99.999),
-               "entropy": ("entropy", None), "mse": ("mse", None)}
+               "entropy": ("entropy", None), "mse": ("mse", None), "auto": ("auto", None)}
 
 
 def _default(key: str) -> str | None:
@@ -93,7 +104,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--partial-calibrator", choices=list(CALIBRATORS), default="entropy",
                      help="calibration of the seed's partial quantization")
     run.add_argument("--target-drop", type=float, default=0.005, metavar="D",
-                     help="the seed's partial quantization budget (mAP50:95 drop on the train set)")
+                     help="the partial quantization budget of both methods (mAP50:95 drop on the train set)")
+    run.add_argument("--method-calibrator", choices=list(CALIBRATORS), default="auto",
+                     help="calibration of our partial quantization")
+    run.add_argument("--rerank", choices=PROXY_METHODS, default="sqnr", help="our search's re-ranking proxy")
+    run.add_argument("--rerank-pool", type=positive_int, default=24, metavar="N", help="see partial_quant.py")
+    run.add_argument("--proxy-images", type=positive_int, default=32, metavar="N",
+                     help="train images every proxy compares outputs on")
+    run.add_argument("--no-proxy-quality", action="store_true",
+                     help="skip the proxy-vs-map tables (the map ranking in the revert direction takes ~30 min)")
     run.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
                      help="rank only these layers (globs; default: all): for quick checks")
     run.add_argument("--no-onnx", action="store_true", help="skip the Q/DQ ONNX export and its evaluation")
@@ -121,60 +140,78 @@ def _maps(metrics: dict[str, Any]) -> dict[str, float]:
 
 def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.device,
                    out: Path) -> dict[str, dict[str, Any]]:
-    """Every calibrator's full-INT8 mAP on val; the partial calibrator's model is saved for the later stages."""
+    """Every calibrator's full-INT8 mAP on val; the partial quantizations' calibrations are saved for later stages."""
     batch_number = max(1, args.calib_images // args.batch_size)
     loader = calibration_loader(args.train_images, args.img_size, args.batch_size, batch_number, args.workers)
     rows = {}
-    for name in dict.fromkeys(args.calibrators + [args.partial_calibrator]):
+    for name in dict.fromkeys(args.calibrators + [args.partial_calibrator, args.method_calibrator]):
         method, percentile = CALIBRATORS[name]
         start = time.perf_counter()
-        qmodel, _ = calibration.calibrated_model(load_model(args.weights), loader=loader, batch_number=batch_number,
-                                                 calib_method=method, percentile=percentile or 99.99, device=device)
+        qmodel, record = calibration.calibrated_model(load_model(args.weights), loader=loader,
+                                                      batch_number=batch_number, calib_method=method,
+                                                      percentile=percentile or 99.99, device=device)
         calib_seconds = time.perf_counter() - start
-        if name == args.partial_calibrator:
+        if name in (args.partial_calibrator, args.method_calibrator):
             calibration.save_calibrated(out / f"calibrated_{name}.pt", qmodel, meta={"weights": str(args.weights)})
+        row: dict[str, Any] = {"calibration_s": round(calib_seconds, 1)}
+        if "auto" in record:
+            row["auto"] = {"selected": record["auto"]["selected"], "counts": record["auto"]["counts"]}
         if name in args.calibrators:
             metrics = evaluate(TorchRunner(qmodel, device), val, args.batch_size, args.workers,
                                progress=not args.no_progress)
-            rows[f"int8 {name}"] = {**_maps(metrics), "calibration_s": round(calib_seconds, 1),
-                                    "seconds": round(time.perf_counter() - start, 1)}
+            row.update(_maps(metrics))
             _logger.info("full INT8 (%s): mAP50:95 %.4f", name, metrics["mAP50_95"])
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows[f"int8 {name}"] = row
     return rows
 
 
-def seed_ranking(args: argparse.Namespace, out: Path) -> tuple[Path, float]:
-    """sensitivity_analyse.py --method map on the train set (resumable): the ranking file and the seconds spent."""
-    argv = ["--weights", str(args.weights), "--calib-weights", str(out / f"calibrated_{args.partial_calibrator}.pt"),
-            "--method", "map", "--data", str(args.train_data), "--images", str(args.train_images),
-            "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-            "--device", args.device, "--output", str(out / "ranking"), "--resume"]
+def _common(args: argparse.Namespace) -> list[str]:
+    argv = ["--weights", str(args.weights), "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+            "--workers", str(args.workers), "--device", args.device]
+    return argv + (["--no-progress"] if args.no_progress else [])
+
+
+def rank(args: argparse.Namespace, out: Path, method: str = "map", direction: str = "single") -> dict[str, Any]:
+    """sensitivity_analyse.py on the train set with the seed's calibration (resumable): its JSON report."""
+    argv = [*_common(args), "--calib-weights", str(out / f"calibrated_{args.partial_calibrator}.pt"),
+            "--method", method, "--direction", direction, "--output", str(out / "ranking"), "--resume"]
+    if method == "map":
+        argv += ["--data", str(args.train_data), "--images", str(args.train_images)]
+    else:
+        argv += ["--data-root", str(args.train_images), "--proxy-images", str(args.proxy_images)]
     argv += ["--layers", *args.layers] if args.layers else []
-    argv += ["--no-progress"] if args.no_progress else []
-    start = time.perf_counter()
     result = sensitivity_analyse.main(sensitivity_analyse.get_args_parser().parse_args(argv))
-    return Path(result["json"]), time.perf_counter() - start
+    report = json.loads(Path(result["json"]).read_text())
+    report["path"] = result["json"]
+    return report
 
 
-def seed_partial(args: argparse.Namespace, ranking: Path, out: Path) -> dict[str, Any]:
-    """partial_quant.py --target-drop, searching on train and reporting on val (+ the Q/DQ ONNX on ORT)."""
-    argv = ["--weights", str(args.weights), "--calib-weights", str(out / f"calibrated_{args.partial_calibrator}.pt"),
-            "--sensitivity-file", str(ranking), "--target-drop", str(args.target_drop),
-            "--data", str(args.val_data), "--images", str(args.val_images), "--search-data", str(args.train_data),
-            "--search-images", str(args.train_images), "--img-size", str(args.img_size),
-            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
-            "--output-dir", str(out / "partial"), "--overwrite"]
-    argv += ["--no-export"]  # exported below, so that a failed verification still reports the rest
-    argv += ["--no-progress"] if args.no_progress else []
-    return partial_quant.main(partial_quant.get_args_parser().parse_args(argv))
+def run_partial(folder: Path, argv: list[str]) -> dict[str, Any]:
+    """partial_quant.py with ``argv`` into ``folder`` (its partial_quant.json); a finished run with the same
+    arguments is reused (a search can take most of an hour)."""
+    record, report = folder / "benchmark_argv.json", folder / "partial_quant.json"
+    argv = [*argv, "--output-dir", str(folder), "--overwrite", "--no-export"]  # exported by partial_onnx_row
+    if record.is_file() and report.is_file() and json.loads(record.read_text()) == argv:
+        _logger.info("reusing %s (same arguments)", report)
+    else:
+        partial_quant.main(partial_quant.get_args_parser().parse_args(argv))
+        write_json(record, argv)
+    return json.loads(report.read_text())
 
 
-def partial_onnx_row(args: argparse.Namespace, out: Path, val: CocoDetection, partial: dict[str, Any]) -> dict:
+def _search_sets(args: argparse.Namespace) -> list[str]:
+    return ["--data", str(args.val_data), "--images", str(args.val_images), "--search-data", str(args.train_data),
+            "--search-images", str(args.train_images)]
+
+
+def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection, partial: dict[str, Any]) -> dict:
     """The partial model's Q/DQ ONNX, verified against PyTorch, and its mAP on ONNX Runtime. When the verification
     fails at its default tolerances the ONNX is written anyway (tolerances lifted) so its mAP is still measured,
     and the row says so: the failure is a result, not a reason to lose the table."""
     qmodel = calibration.load_calibrated(partial["checkpoint"])
     images = verification_batch(args.val_images, args.img_size, 2)
-    path = out / "partial" / "partial_qdq.onnx"
+    path = folder / "partial_qdq.onnx"
     row: dict[str, Any] = {"int8_layers": partial["int8_layers"], "total_layers": partial["total_layers"]}
     try:
         record = export_verified(qmodel, path, images, img_size=args.img_size, dynamic_batch=True)
@@ -187,16 +224,118 @@ def partial_onnx_row(args: argparse.Namespace, out: Path, val: CocoDetection, pa
     start = time.perf_counter()
     metrics = evaluate(OnnxRuntimeRunner(path), val, args.batch_size, args.workers, progress=not args.no_progress)
     row.update(_maps(metrics), onnx=str(path), max_abs_diff=record["max_abs_diff"],
+               minus_pytorch=round(float(metrics["mAP50_95"]) - partial["partial_map"], 4),
                seconds=round(time.perf_counter() - start, 1))
     return row
 
 
+def _partial_row(partial: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"mAP50_95": round(partial["partial_map"], 4), "mAP50": round(partial["map50"]["partial"], 4),
+            "int8_layers": partial["int8_layers"], "total_layers": partial["total_layers"],
+            "float_layers": partial["float_layers"], "search_drop": round(partial["search"]["fp_map"]
+                                                                          - partial["search"]["partial_map"], 4)
+            if "partial_map" in partial.get("search", {}) else None, **extra}
+
+
+def seed_rows(args: argparse.Namespace, out: Path, val: CocoDetection) -> tuple[dict[str, dict], dict[str, Any]]:
+    """The seed's ranking (timed) and search; returns its rows and its partial report."""
+    start = time.perf_counter()
+    ranking = rank(args, out)
+    ranking_seconds = sum(row.get("seconds") or 0.0 for row in ranking["layers"])
+    ranking_wall = time.perf_counter() - start
+    partial = run_partial(out / "partial", [*_common(args), "--calib-weights",
+                                            str(out / f"calibrated_{args.partial_calibrator}.pt"),
+                                            "--sensitivity-file", ranking["path"], "--target-drop",
+                                            str(args.target_drop), *_search_sets(args)])
+    name = f"seed partial ({args.partial_calibrator}, drop {args.target_drop})"
+    rows = {name: _partial_row(partial, ranking_s=round(max(ranking_seconds, ranking_wall), 1),
+                               search_s=partial["seconds"], evaluations=len(partial["steps"]))}
+    _logger.info("seed partial: %s", rows[name])
+    return rows, partial
+
+
+def our_rows(args: argparse.Namespace, out: Path, rows: dict[str, dict]) -> tuple[dict[str, dict], dict[str, Any]]:
+    partial = run_partial(out / "ours", [*_common(args), "--calib-weights",
+                                         str(out / f"calibrated_{args.method_calibrator}.pt"),
+                                         "--data-root", str(args.train_images), "--rerank", args.rerank,
+                                         "--rerank-pool", str(args.rerank_pool), "--proxy-images",
+                                         str(args.proxy_images), "--target-drop", str(args.target_drop),
+                                         *_search_sets(args)])
+    calib_s = rows[f"int8 {args.method_calibrator}"]["calibration_s"]
+    name = f"ours ({args.method_calibrator}, re-ranked by {args.rerank}, drop {args.target_drop})"
+    search = partial["search"]
+    row = _partial_row(partial, calibration_s=calib_s, search_s=partial["seconds"],
+                       total_min=round((calib_s + partial["seconds"]) / 60, 1),
+                       evaluations=search.get("evaluations"), probes=search.get("probes"))
+    return {name: row}, partial
+
+
+def same_count_row(args: argparse.Namespace, out: Path, seed: dict[str, Any], n_float: int) -> dict[str, dict]:
+    """The seed's ranking with as many float layers as ours kept (--skip-layers N)."""
+    ranking = Path(out / "ranking" / "sensitivity_map.json")
+    partial = run_partial(out / f"seed_skip{n_float}", [*_common(args), "--calib-weights",
+                                                       str(out / f"calibrated_{args.partial_calibrator}.pt"),
+                                                       "--sensitivity-file", str(ranking), "--skip-layers",
+                                                       str(n_float), "--data", str(args.val_data), "--images",
+                                                       str(args.val_images)])
+    return {f"seed ranking, {n_float} most sensitive float": _partial_row(partial, search_s=partial["seconds"])}
+
+
+def _values(report: dict[str, Any], column: str) -> list[float] | None:
+    rows = report["layers"]
+    return [row[column] for row in rows] if all(column in row for row in rows) else None
+
+
+def _order(report: dict[str, Any]) -> list[str]:
+    return [row["name"] for row in sorted(report["layers"], key=lambda r: r["rank"])]
+
+
+def _per_layer_s(report: dict[str, Any]) -> float:
+    seconds = [row["seconds"] for row in report["layers"] if row.get("seconds") is not None]
+    return sum(seconds) / len(seconds) if seconds else float("nan")
+
+
+def proxy_quality(args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+    """Per direction: map's split-half reliability and every proxy's agreement with map, with seconds per layer."""
+    table: dict[str, dict[str, Any]] = {}
+    for direction in DIRECTIONS:
+        ref = rank(args, out, "map", direction)
+        ref_scores = sensitivity_scores(_values(ref, "mAP50_95"), "map", direction)
+        halves = _values(ref, "mAP50_95_half_a"), _values(ref, "mAP50_95_half_b")
+        reliability = None if None in halves else round(spearman(*(sensitivity_scores(h, "map", direction)
+                                                                   for h in halves)), 3)
+        map_s = _per_layer_s(ref)
+        table[f"map {direction}"] = {"s_per_layer": round(map_s, 3), "split_half_rho": reliability}
+        for proxy in PROXY_METHODS:
+            report = rank(args, out, proxy, direction)
+            scores = sensitivity_scores(_values(report, key_column(proxy)), proxy, direction)
+            seconds = _per_layer_s(report)
+            table[f"{proxy} {direction}"] = {
+                "s_per_layer": round(seconds, 3), "speed_up": round(map_s / seconds, 1) if seconds > 0 else None,
+                "spearman_vs_map": round(spearman(scores, ref_scores), 3),
+                "top10_vs_map": top_k_overlap(_order(report), _order(ref), 10)}
+    return table
+
+
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'model':<34} {'mAP50:95':>9} {'mAP50':>7} {'INT8 layers':>12} {'seconds':>8}"]
+    lines = [f"{'model':<58} {'mAP50:95':>9} {'mAP50':>7} {'INT8 layers':>12} {'seconds':>8}"]
     for name, r in rows.items():
+        if "mAP50_95" not in r:
+            continue
         int8 = f"{r['int8_layers']}/{r['total_layers']}" if "int8_layers" in r else "-"
-        lines.append(f"{name:<34} {r['mAP50_95']:>9.4f} {r.get('mAP50', float('nan')):>7.4f} {int8:>12} "
-                     f"{r.get('seconds', float('nan')):>8.1f}")
+        lines.append(f"{name:<58} {r['mAP50_95']:>9.4f} {r.get('mAP50', float('nan')):>7.4f} {int8:>12} "
+                     f"{r.get('seconds', r.get('search_s', float('nan'))):>8.1f}")
+    return "\n".join(lines)
+
+
+def format_quality(table: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'ranking':<16} {'s/layer':>8} {'speed-up':>9} {'rho vs map':>11} {'top-10':>7} "
+             f"{'map split-half rho':>19}"]
+    for name, r in table.items():
+        rho = r.get("spearman_vs_map")
+        lines.append(f"{name:<16} {r['s_per_layer']:>8.3f} {r.get('speed_up') or 1:>8}x "
+                     f"{'-' if rho is None else f'{rho:.3f}':>11} {r.get('top10_vs_map', '-'):>7} "
+                     f"{'' if 'split_half_rho' not in r else str(r['split_half_rho']):>19}")
     return "\n".join(lines)
 
 
@@ -213,22 +352,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     rows = {"float": {**_maps(fp), "seconds": round(time.perf_counter() - start, 1)}}
     rows.update(full_int8_rows(args, val, device, out))
     write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
-    ranking, ranking_seconds = seed_ranking(args, out)
-    start = time.perf_counter()
-    partial = seed_partial(args, ranking, out)
-    name = f"seed partial ({args.partial_calibrator}, drop {args.target_drop})"
-    rows[name] = {"mAP50_95": round(partial["partial_map"], 4), "mAP50": round(partial["map50"]["partial"], 4),
-                  "int8_layers": partial["int8_layers"],
-                  "total_layers": partial["total_layers"], "float_layers": partial["float_layers"],
-                  "ranking_s": round(ranking_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}
+    seed, seed_partial = seed_rows(args, out, val)
+    rows.update(seed)
+    write_json(out / "rows_so_far.json", rows)
+    ours, our_partial = our_rows(args, out, rows)
+    rows.update(ours)
+    rows.update(same_count_row(args, out, seed_partial, len(our_partial["float_layers"])))
     write_json(out / "rows_so_far.json", rows)
     if not args.no_onnx:
-        rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out, val, partial)
+        rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "partial", val, seed_partial)
+        rows["ours Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours", val, our_partial)
+    write_json(out / "rows_so_far.json", rows)
+    quality = {} if args.no_proxy_quality else proxy_quality(args, out)
     print(format_table(rows), flush=True)
-    print(f"ranking (single-layer map on {args.train_images}): {ranking_seconds / 60:.1f} min; "
-          f"float layers: {', '.join(partial['float_layers']) or 'none'}")
+    if quality:
+        print(format_quality(quality), flush=True)
     if args.json:
-        write_json(args.json, {"rows": rows, "ranking": str(ranking), "args": args_dict(args)})
+        write_json(args.json, {"rows": rows, "proxy_quality": quality, "args": args_dict(args)})
     return {f"{name} {k}": v for name, row in rows.items() for k, v in row.items() if isinstance(v, (int, float))}
 
 

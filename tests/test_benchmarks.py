@@ -71,17 +71,28 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
     args = bench.get_args_parser().parse_args(
         ["--weights", str(tiny_checkpoint), *sets, "--img-size", str(SIZE), "--batch-size", "4", "--calib-images",
          "8", "--workers", "0", "--calibrators", "max", "percentile-99.99", "--partial-calibrator", "max",
-         "--target-drop", "1.0", "--layers", *LAYERS[:2], "--output-dir", str(tmp_path / "out"), "--json",
-         str(tmp_path / "bench.json"), "--no-progress"])
+         "--method-calibrator", "percentile-99.99", "--proxy-images", "4", "--target-drop", "1.0",
+         "--layers", *LAYERS[:2], "--output-dir", str(tmp_path / "out"), "--json", str(tmp_path / "bench.json"),
+         "--no-progress"])
     bench.main(args)
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", "seed partial (max, drop 1.0)",
-                          "seed partial Q/DQ ONNX (ORT)"]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows, quality = result["rows"], result["proxy_quality"]
+    ours = "ours (percentile-99.99, re-ranked by sqnr, drop 1.0)"
+    assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", "seed partial (max, drop 1.0)", ours,
+                          "seed ranking, 0 most sensitive float", "seed partial Q/DQ ONNX (ORT)",
+                          "ours Q/DQ ONNX (ORT)"]
     partial = rows["seed partial (max, drop 1.0)"]
     assert partial["int8_layers"] == partial["total_layers"] and partial["mAP50_95"] == rows["int8 max"]["mAP50_95"]
+    # drop 1.0: full INT8 (input amax shared for TensorRT) is within budget after one evaluation
+    assert rows[ours]["int8_layers"] == rows[ours]["total_layers"] and rows[ours]["evaluations"] == 1
     assert (tmp_path / "out" / "ranking" / "sensitivity_map.json").is_file()
-    assert "seed partial" in capsys.readouterr().out
-    bench.main(args)  # a rerun resumes the finished ranking instead of recomputing it
+    assert set(quality) == {f"{m} {d}" for m in ("map", "sqnr", "cosine", "mse") for d in ("single", "revert")}
+    assert quality["map revert"]["split_half_rho"] is not None and quality["sqnr single"]["top10_vs_map"] == 2
+    out = capsys.readouterr().out
+    assert "seed partial" in out and "split-half" in out
+    searched = (tmp_path / "out" / "partial" / "partial_quant.json").stat().st_mtime_ns
+    bench.main(args)  # a rerun resumes the finished rankings and reuses the searches instead of recomputing them
+    assert (tmp_path / "out" / "partial" / "partial_quant.json").stat().st_mtime_ns == searched
 
 
 def test_real_coco_benchmark_without_shared_names_the_paths(capsys):

@@ -137,6 +137,32 @@ def test_target_drop_searches_on_its_own_set_and_reports_on_the_other(data, rank
     assert "optimistic" in caplog.text and same["partial_map"] == same["ptq_map"]  # 0.5: full PTQ is within budget
 
 
+@pytest.mark.slow
+def test_rerank_search_needs_no_ranking_and_few_map_evaluations(data, tmp_path):
+    """--rerank: the float set is a prefix of the proxy-greedy sequence (revert pass aside), within budget on the
+    search set, with the mAP checks at 0, 1, 2, 4, ... float layers; the reported mAP is the saved model's."""
+    out = tmp_path / "rerank"
+    argv = _argv(data, "unused", out, "--target-drop", "0.0", "--rerank", "sqnr", "--rerank-pool", "4",
+                 "--proxy-images", "8", "--no-export", "--search-data", data["train_json"], "--search-images",
+                 data["train"])
+    argv.remove("--sensitivity-file")
+    argv.remove("unused")
+    result = _run(argv)
+    report = json.loads((out / "partial_quant.json").read_text())
+    search, steps = report["search"], report["steps"]
+    assert report["rule"] == "target-drop 0.0 (re-ranked by sqnr)"
+    checks = [s["float_layers"] for s in steps if s["action"] in ("ptq", "check")]
+    assert checks[:3] == [0, 1, 2][:len(checks[:3])] and search["evaluations"] == len(steps)
+    assert search["probes"] >= 72 and set(report["float_layers"]) <= set(search["sequence"])
+    kept = [s for s in steps if s["action"] in ("keep-float", "requantize")]
+    assert kept and all(s["drop"] <= 0.0 for s in steps if s["action"] == "requantize")
+    model = calibration.load_calibrated(out / "partial.pt")
+    assert quant.float_layers(model) == sorted(report["float_layers"], key=list(quant.quant_layers(model)).index)
+    dataset = CocoDetection(data["json"], data["images"], img_size=SIZE)
+    assert result["partial_map"] == evaluate(TorchRunner(model), dataset, batch_size=8, workers=0,
+                                             progress=False)["mAP50_95"]
+
+
 def _exit_2(main, argv, capsys) -> str:
     module = partial_quant if main is partial_quant.main else export_onnx
     with pytest.raises(SystemExit) as exc:
@@ -161,6 +187,13 @@ def test_bad_inputs_exit_2(data, ranking, tmp_path, capsys):
     assert "--target-drop only" in _exit_2(partial_quant.main, _argv(
         data, ranking, out, "--skip-layers", "1", "--search-data", data["train_json"], "--search-images",
         data["train"]), capsys)
+    assert "drop --sensitivity-file" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--target-drop", "0.1",
+                                                                         "--rerank", "sqnr"), capsys)
+    assert "--target-drop only" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--skip-layers", "1",
+                                                                     "--rerank", "sqnr"), capsys)
+    no_file = [a for a in _argv(data, ranking, out, "--skip-layers", "1") if a not in ("--sensitivity-file",
+                                                                                     str(ranking))]
+    assert "pass --sensitivity-file" in _exit_2(partial_quant.main, no_file, capsys)
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert "choose another --output-dir" in _exit_2(

@@ -129,6 +129,10 @@ class PartialModel:
         self.float_set = list(layers)
         self.sharing = share_input_amax(self.model, self.groups, self.calibrated)
 
+    def coupled(self) -> dict[str, list[str]]:
+        """Layer -> the other layers of its sharing group (their amax change when it goes float)."""
+        return {name: [other for other in group if other != name] for group in self.groups for name in group}
+
     def counts(self) -> tuple[int, int]:
         """(INT8 layers, quantizable layers)."""
         return quant.count_quantized(self.model)

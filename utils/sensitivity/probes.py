@@ -10,7 +10,7 @@ import contextlib
 import fnmatch
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -100,23 +100,40 @@ class MapProbe:
         return self._evaluate()
 
 
+def _float_exactly(model: nn.Module) -> Callable[[list[str]], None]:
+    def apply(float_layers: list[str]) -> None:
+        quant.enable_all(model)
+        if float_layers:
+            quant.set_quantized(model, float_layers, False)
+    return apply
+
+
 class ProxyProbe:
     """Label-free proxy (``sqnr``, ``cosine`` or ``mse``) of the outputs against the float outputs, with one layer
     quantized (``single``) or one layer back in float (``revert``).
 
     Forward reuse replays the sub-modules a layer cannot affect from a recorded pass: the float pass (single) or
-    the full-INT8 pass (revert)."""
+    the INT8 pass (revert). In the revert direction the probe starts from a partial model (``rebase``: these layers
+    float, all others INT8; the fallback search re-ranks on it), set by ``apply_float`` (default: exactly these
+    layers float; the search passes one that also re-shares input amax), and ``coupled`` names the layers whose
+    quantizers change with a layer's (its sharing group), so that reuse never replays them."""
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], method: str,
                  device: str | torch.device = "cpu", reuse: bool = True, layers: Sequence[str] | None = None,
-                 reuse_max_bytes: int = 4 << 30, direction: str = "single"):
+                 reuse_max_bytes: int = 4 << 30, direction: str = "single",
+                 apply_float: Callable[[list[str]], None] | None = None,
+                 coupled: Mapping[str, Sequence[str]] | None = None, progress: bool = True):
         if method not in PROXY_METHODS:
             raise InputError(f"unknown proxy {method!r}; choose one of {', '.join(PROXY_METHODS)}")
         if not batches:
             raise InputError("no images for the proxy: pass a calibration folder with images")
         self.direction = check_direction(direction)
+        self.base: list[str] = []
+        self.progress = progress
+        self.coupled = dict(coupled or {})
         self.method, self.device = method, torch.device(device)
         self.model = model.to(self.device).eval()
+        self.apply_float = apply_float or _float_exactly(self.model)
         self.batches = [b.to(self.device) for b in batches]
         self.reuse = ForwardReuse(self.model, layers, reuse_max_bytes) if reuse else None
         self._checked = False
@@ -147,15 +164,30 @@ class ProxyProbe:
         quant.disable_all(self.model)
         refs = []
         record_float = self.reuse is not None and self.direction == "single"
-        for x in tqdm(self.batches, desc="float reference", unit="batch", file=sys.stderr, leave=False):
+        for x in tqdm(self.batches, desc="float reference", unit="batch", file=sys.stderr, leave=False,
+                      disable=not self.progress):
             with self._capture_neck() as captured:
                 out = self.reuse.record(x) if record_float else self.model(x)
             refs.append((out, captured[-1] if captured else []))
-        if self.reuse is not None and self.direction == "revert":
-            quant.enable_all(self.model)
-            for x in tqdm(self.batches, desc="INT8 pass to reuse", unit="batch", file=sys.stderr, leave=False):
-                self.reuse.record(x)
         self._refs = refs
+        self._record_base()
+
+    @torch.no_grad()
+    def _record_base(self) -> None:
+        if self.reuse is not None and self.direction == "revert":
+            self.reuse.clear()
+            self.apply_float(list(self.base))
+            for x in tqdm(self.batches, desc="INT8 pass to reuse", unit="batch", file=sys.stderr, leave=False,
+                          disable=not self.progress):
+                self.reuse.record(x)
+
+    def rebase(self, float_layers: Sequence[str]) -> None:
+        """Revert direction: probe from the model with ``float_layers`` in float (all others INT8)."""
+        if self.direction != "revert":
+            raise ValueError("rebase applies to the revert direction")
+        self.base = list(float_layers)
+        if self._refs is not None:
+            self._record_base()
 
     def _measure(self, changed: list[nn.Module] | None) -> dict[str, float]:
         error = DetectionError()
@@ -190,5 +222,9 @@ class ProxyProbe:
 
     def __call__(self, layer: str) -> dict[str, float]:
         self.prepare()
-        set_probe_state(self.model, layer, self.direction)
-        return self._measure(_ancestors(self.model, layer))
+        if self.direction == "revert":
+            self.apply_float([*self.base, layer])
+        else:
+            set_probe_state(self.model, layer, self.direction)
+        changed = {id(m): m for name in [layer, *self.coupled.get(layer, ())] for m in _ancestors(self.model, name)}
+        return self._measure(list(changed.values()))

@@ -69,6 +69,10 @@ class ForwardReuse:
         return any((not parent or n.startswith(parent + ".")) and n != name and not n.startswith(name + ".")
                    for n in layers)
 
+    def clear(self) -> None:
+        """Forget every recorded batch (the model's state changed: record again)."""
+        self.records, self.bytes = [], 0
+
     @torch.no_grad()
     def record(self, x: torch.Tensor) -> Any:
         """Run ``model(x)`` (quantizers as they are: the float pass) and record every sub-module call."""
