@@ -45,15 +45,36 @@ def read_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
+def methods(report: dict[str, Any]) -> dict[str, Any]:
+    """Which methods the run used: calibration (auto's choice too), layer ranking and fallback rule."""
+    calib = report.get("calibration", {})
+    used: dict[str, Any] = {"calibration": calib.get("method", "?"), "fallback": report["rule"]}
+    if "auto" in calib:
+        used["calibration_auto"] = calib["auto"].get("selected")
+    ranking_file = (report.get("args") or {}).get("sensitivity_file")
+    if (report.get("args") or {}).get("rerank"):
+        used["ranking"] = f"re-ranked during the search by {report['args']['rerank']} (revert direction)"
+    elif ranking_file:
+        used["ranking"] = str(ranking_file)
+        try:
+            ranking = json.loads(Path(ranking_file).read_text())
+            used["ranking"] = f"{ranking['method']} ({ranking.get('direction', 'single')}): {ranking_file}"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a text ranking (ours or YOLOv6's): its path says enough
+    return used
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     report = read_report(args.partial_report)
     seconds = time.time() - args.started_at if args.started_at is not None else report["seconds"]
     summary = {key: report[key] for key in KEYS}
     summary.update(onnx_vs_pytorch_map=round(report["onnx_map"] - report["partial_map"], 4),
                    onnx_diff=report.get("onnx_diff"), rule=report["rule"],
-                   onnx=report["onnx"], build=report["build"], seconds=round(seconds, 1))
+                   onnx=report["onnx"], build=report["build"], seconds=round(seconds, 1),
+                   methods=methods(report))
     write_json(args.output, summary)
-    print(f"summary: {args.output} (pipeline {seconds / 60:.1f} min)")
+    print(f"summary: {args.output} (pipeline {seconds / 60:.1f} min; "
+          + "; ".join(f"{k}: {v}" for k, v in summary["methods"].items()) + ")")
     return summary
 
 
