@@ -138,22 +138,44 @@ def _maps(metrics: dict[str, Any]) -> dict[str, float]:
     return {"mAP50_95": round(float(metrics["mAP50_95"]), 4), "mAP50": round(float(metrics["mAP50"]), 4)}
 
 
+def _calibration_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a full-INT8 row depends on: a finished row with the same settings is reused on a rerun."""
+    return {"weights": str(args.weights), "train_images": str(args.train_images), "val_data": str(args.val_data),
+            "img_size": args.img_size, "batch_size": args.batch_size, "calib_images": args.calib_images}
+
+
+def _finished_rows(out: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return json.loads((out / "rows_so_far.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.device,
                    out: Path) -> dict[str, dict[str, Any]]:
-    """Every calibrator's full-INT8 mAP on val; the partial quantizations' calibrations are saved for later stages."""
+    """Every calibrator's full-INT8 mAP on val; the partial quantizations' calibrations are saved for later stages.
+    Rows finished by an earlier run with the same settings (and their saved calibration) are reused."""
     batch_number = max(1, args.calib_images // args.batch_size)
     loader = calibration_loader(args.train_images, args.img_size, args.batch_size, batch_number, args.workers)
-    rows = {}
+    rows, finished, settings = {}, _finished_rows(out), _calibration_settings(args)
     for name in dict.fromkeys(args.calibrators + [args.partial_calibrator, args.method_calibrator]):
         method, percentile = CALIBRATORS[name]
+        saved = out / f"calibrated_{name}.pt"
+        previous = finished.get(f"int8 {name}", {})
+        needed = name in (args.partial_calibrator, args.method_calibrator)
+        if previous.get("settings") == settings and (not needed or saved.is_file()) and \
+                (name not in args.calibrators or "mAP50_95" in previous):
+            _logger.info("full INT8 (%s): reusing the finished row", name)
+            rows[f"int8 {name}"] = previous
+            continue
         start = time.perf_counter()
         qmodel, record = calibration.calibrated_model(load_model(args.weights), loader=loader,
                                                       batch_number=batch_number, calib_method=method,
                                                       percentile=percentile or 99.99, device=device)
         calib_seconds = time.perf_counter() - start
-        if name in (args.partial_calibrator, args.method_calibrator):
-            calibration.save_calibrated(out / f"calibrated_{name}.pt", qmodel, meta={"weights": str(args.weights)})
-        row: dict[str, Any] = {"calibration_s": round(calib_seconds, 1)}
+        if needed:
+            calibration.save_calibrated(saved, qmodel, meta={"weights": str(args.weights)})
+        row: dict[str, Any] = {"calibration_s": round(calib_seconds, 1), "settings": settings}
         if "auto" in record:
             row["auto"] = {"selected": record["auto"]["selected"], "counts": record["auto"]["counts"]}
         if name in args.calibrators:
@@ -163,6 +185,7 @@ def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.d
             _logger.info("full INT8 (%s): mAP50:95 %.4f", name, metrics["mAP50_95"])
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows[f"int8 {name}"] = row
+        write_json(out / "rows_so_far.json", {**finished, **rows})
     return rows
 
 
@@ -352,11 +375,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     rows = {"float": {**_maps(fp), "seconds": round(time.perf_counter() - start, 1)}}
     rows.update(full_int8_rows(args, val, device, out))
     write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
+    ours, our_partial = our_rows(args, out, rows)  # ours first: it is the shorter search
+    rows.update(ours)
+    write_json(out / "rows_so_far.json", rows)
     seed, seed_partial = seed_rows(args, out, val)
     rows.update(seed)
-    write_json(out / "rows_so_far.json", rows)
-    ours, our_partial = our_rows(args, out, rows)
-    rows.update(ours)
     rows.update(same_count_row(args, out, seed_partial, len(our_partial["float_layers"])))
     write_json(out / "rows_so_far.json", rows)
     if not args.no_onnx:

@@ -78,7 +78,7 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
     result = json.loads((tmp_path / "bench.json").read_text())
     rows, quality = result["rows"], result["proxy_quality"]
     ours = "ours (percentile-99.99, re-ranked by sqnr, drop 1.0)"
-    assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", "seed partial (max, drop 1.0)", ours,
+    assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", ours, "seed partial (max, drop 1.0)",
                           "seed ranking, 0 most sensitive float", "seed partial Q/DQ ONNX (ORT)",
                           "ours Q/DQ ONNX (ORT)"]
     partial = rows["seed partial (max, drop 1.0)"]
