@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from utils.errors import InputError
+from utils.fallback.rules import revert_pass
 from utils.sensitivity.agreement import sensitivity_scores
 from utils.sensitivity.metrics import key_column
 from utils.sensitivity.probes import ProxyProbe
@@ -129,14 +130,8 @@ def search_rerank(order: GreedyOrder, measure: Callable[[list[str]], float], fp_
             low = mid
     float_set, current = order.prefix(high), maps[high]
     if revert:
-        for layer in reversed(list(float_set)):
-            trial = [name for name in float_set if name != layer]
-            value = measure(trial)
-            if fp_map - value <= target:
-                float_set, current = trial, value
-                record("requantize", layer, len(float_set), value)
-            else:
-                record("keep-float", layer, len(float_set), value)
+        float_set, current = revert_pass(float_set, current, measure, fp_map, target,
+                                         lambda action, layer, layers, value: record(action, layer, len(layers), value))
     evaluations = len(maps) + (len(order.prefix(high)) if revert else 0)
     return {"float_layers": float_set, "map": current, "drop": fp_map - current, "steps": steps,
             "evaluations": evaluations, "probes": order.probes, "sequence": list(order.sequence)}

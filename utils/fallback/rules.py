@@ -95,15 +95,24 @@ def search_target_drop(order: Sequence[str], measure: Callable[[list[str]], floa
                          f"was {best['drop']:.4f} (mAP {best['map']:.4f}) with {best['float_layers']} float layers; "
                          "allow a larger drop or more float layers (--max-float-layers)")
     if revert:
-        for layer in reversed(list(float_set)):
-            trial = [name for name in float_set if name != layer]
-            value = measure(trial)
-            if fp_map - value <= target:
-                float_set, current = trial, value
-                record("requantize", layer, float_set, value)
-            else:
-                record("keep-float", layer, float_set, value)
+        float_set, current = revert_pass(float_set, current, measure, fp_map, target, record)
     return {"float_layers": float_set, "map": current, "drop": fp_map - current, "steps": steps}
+
+
+def revert_pass(float_set: Sequence[str], current: float, measure: Callable[[list[str]], float], fp_map: float,
+                target: float, record: Callable[[str, str, list[str], float], Any]) -> tuple[list[str], float]:
+    """Try to re-quantize every float layer, latest first, keeping each return to INT8 whose drop stays within
+    ``target``; ``record(action, layer, float set, mAP)`` sees every trial. Returns (float set, its mAP)."""
+    float_set = list(float_set)
+    for layer in reversed(list(float_set)):
+        trial = [name for name in float_set if name != layer]
+        value = measure(trial)
+        if fp_map - value <= target:
+            float_set, current = trial, value
+            record("requantize", layer, float_set, value)
+        else:
+            record("keep-float", layer, float_set, value)
+    return float_set, current
 
 
 class PartialModel:
