@@ -260,7 +260,7 @@ def _partial_row(partial: dict[str, Any], **extra: Any) -> dict[str, Any]:
             if "partial_map" in partial.get("search", {}) else None, **extra}
 
 
-def seed_rows(args: argparse.Namespace, out: Path, val: CocoDetection) -> tuple[dict[str, dict], dict[str, Any]]:
+def seed_rows(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict], dict[str, Any]]:
     """The seed's ranking (timed) and search; returns its rows and its partial report."""
     start = time.perf_counter()
     ranking = rank(args, out)
@@ -293,7 +293,7 @@ def our_rows(args: argparse.Namespace, out: Path, rows: dict[str, dict]) -> tupl
     return {name: row}, partial
 
 
-def same_count_row(args: argparse.Namespace, out: Path, seed: dict[str, Any], n_float: int) -> dict[str, dict]:
+def same_count_row(args: argparse.Namespace, out: Path, n_float: int) -> dict[str, dict]:
     """The seed's ranking with as many float layers as ours kept (--skip-layers N)."""
     ranking = Path(out / "ranking" / "sensitivity_map.json")
     partial = run_partial(out / f"seed_skip{n_float}", [*_common(args), "--calib-weights",
@@ -378,9 +378,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ours, our_partial = our_rows(args, out, rows)  # ours first: it is the shorter search
     rows.update(ours)
     write_json(out / "rows_so_far.json", rows)
-    seed, seed_partial = seed_rows(args, out, val)
+    seed, seed_partial = seed_rows(args, out)
     rows.update(seed)
-    rows.update(same_count_row(args, out, seed_partial, len(our_partial["float_layers"])))
+    rows.update(same_count_row(args, out, len(our_partial["float_layers"])))
     write_json(out / "rows_so_far.json", rows)
     if not args.no_onnx:
         rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "partial", val, seed_partial)

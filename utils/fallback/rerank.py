@@ -34,6 +34,7 @@ class GreedyOrder:
         if probe.direction != "revert":
             raise ValueError("re-ranking needs a revert-direction proxy probe")
         self.probe, self.layers, self.pool = probe, list(layers), max(1, pool)
+        self._index = {name: i for i, name in enumerate(self.layers)}
         self.key = key_column(probe.method)
         self.sequence: list[str] = []
         self.scores: dict[str, float] = {}
@@ -47,14 +48,15 @@ class GreedyOrder:
         return sensitivity_scores([value], self.probe.method, "revert")[0]
 
     def _next(self) -> str:
-        remaining = [name for name in self.layers if name not in set(self.sequence)]
+        taken = set(self.sequence)
+        remaining = [name for name in self.layers if name not in taken]
         if not self.scores:
             candidates = remaining
         else:
-            candidates = sorted(remaining, key=lambda n: (-self.scores[n], self.layers.index(n)))[:self.pool]
+            candidates = sorted(remaining, key=lambda n: (-self.scores[n], self._index[n]))[:self.pool]
         for name in candidates:
             self.scores[name] = self._gain(name)
-        return max(candidates, key=lambda n: (self.scores[n], -self.layers.index(n)))
+        return max(candidates, key=lambda n: (self.scores[n], -self._index[n]))
 
     def prefix(self, n: int) -> list[str]:
         """The first ``n`` layers of the sequence (computed as far as needed)."""

@@ -132,9 +132,7 @@ class PartialModel:
 
     def set_float(self, layers: Sequence[str]) -> None:
         """Run exactly ``layers`` in float and every other quantized layer INT8."""
-        quant.enable_all(self.model)
-        if layers:
-            quant.set_quantized(self.model, layers, False)
+        quant.float_only(self.model, layers)
         self.float_set = list(layers)
         self.sharing = share_input_amax(self.model, self.groups, self.calibrated)
 

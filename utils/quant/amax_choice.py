@@ -84,17 +84,16 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def apply_choice(layers: Mapping[str, nn.Module], candidates: Mapping[str, Mapping[str, float]],
-                 choice: Mapping[str, str], fix_amax: Any) -> None:
-    """Give each layer's input quantizer its chosen candidate amax (``fix_amax``: dead / NaN -> a safe value)."""
+                 choice: Mapping[str, str]) -> None:
+    """Give each layer's input quantizer its chosen candidate amax."""
     for name, layer in layers.items():
-        value, _ = fix_amax(torch.tensor(candidates[name][choice[name]], dtype=torch.float32))
-        _set_amax(layer.input_quantizer, float(value))
+        _set_amax(layer.input_quantizer, candidates[name][choice[name]])
 
 
 @torch.no_grad()
 def _layer_output_errors(model: nn.Module, layers: Mapping[str, nn.Module],
-                         candidates: Mapping[str, Mapping[str, float]], images: Sequence[torch.Tensor],
-                         fix_amax: Any) -> dict[str, dict[str, float]]:
+                         candidates: Mapping[str, Mapping[str, float]],
+                         images: Sequence[torch.Tensor]) -> dict[str, dict[str, float]]:
     """Per layer and candidate: MSE of the layer's INT8 output (that candidate's input amax, weights INT8) against
     its float output, both on the float model's inputs."""
     errors = {name: {c: 0.0 for c in CANDIDATES} for name in layers}
@@ -105,8 +104,7 @@ def _layer_output_errors(model: nn.Module, layers: Mapping[str, nn.Module],
                 quantizer.enable()
             try:
                 for cand, value in candidates[name].items():
-                    amax, _ = fix_amax(torch.tensor(value, dtype=torch.float32))
-                    _set_amax(module.input_quantizer, float(amax))
+                    _set_amax(module.input_quantizer, value)
                     errors[name][cand] += float(torch.mean((module.forward(*args) - output).double() ** 2))
             finally:
                 for quantizer in layer_quantizers(module):
@@ -134,14 +132,14 @@ def _head_sqnr(model: nn.Module, images: Sequence[torch.Tensor], refs: Sequence[
 
 @torch.no_grad()
 def choose_amax(model: nn.Module, layers: Mapping[str, nn.Module], candidates: Mapping[str, Mapping[str, float]],
-                images: Sequence[torch.Tensor], fix_amax: Any) -> dict[str, Any]:
+                images: Sequence[torch.Tensor]) -> dict[str, Any]:
     """Score every assignment (each candidate everywhere, and ``per-layer``), apply the best (every quantizer on).
 
     Args:
         layers: the quantized layers by name (weight amax already set).
-        candidates: layer -> candidate name -> input amax (``candidate_amax``).
+        candidates: layer -> candidate name -> input amax (``candidate_amax``, dead / NaN values already replaced
+            by a safe amax).
         images: image batches the criterion is measured on.
-        fix_amax: tensor -> (tensor with dead / NaN values replaced, count), as calibration stores amax.
 
     Returns:
         ``selected`` (assignment name), ``scores`` (assignment -> head SQNR dB), ``choice`` (layer -> candidate)
@@ -149,18 +147,18 @@ def choose_amax(model: nn.Module, layers: Mapping[str, nn.Module], candidates: M
     """
     disable_all(model)
     refs = [model(x) for x in images]
-    local = _layer_output_errors(model, layers, candidates, images, fix_amax)
+    local = _layer_output_errors(model, layers, candidates, images)
     assignments = {c: {name: c for name in layers} for c in CANDIDATES}
     assignments[PER_LAYER] = {name: min(CANDIDATES, key=lambda c, n=name: (local[n][c], c)) for name in layers}
     scores = {}
     enable_all(model)
     for assignment, choice in tqdm(assignments.items(), desc="auto: assignments", unit="try", file=sys.stderr,
                                    leave=False):
-        apply_choice(layers, candidates, choice, fix_amax)
+        apply_choice(layers, candidates, choice)
         scores[assignment] = round(_head_sqnr(model, images, refs), 6)
     selected = max(scores, key=lambda a: (scores[a], a == PER_LAYER))
     choice = assignments[selected]
-    apply_choice(layers, candidates, choice, fix_amax)
+    apply_choice(layers, candidates, choice)
     counts = {c: sum(1 for v in choice.values() if v == c) for c in CANDIDATES}
     _logger.info("auto calibration: %s (head SQNR %.2f dB; %s)", selected, scores[selected],
                  ", ".join(f"{a} {s:.2f}" for a, s in scores.items()))

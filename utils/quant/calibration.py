@@ -66,25 +66,34 @@ def _new_calibrator(method: str, quantizer: TensorQuantizer) -> Any:
 
 
 @contextlib.contextmanager
-def _collecting(layers: dict[str, nn.Module], method: str) -> Iterator[None]:
-    """Within the block the model computes in float while fresh calibrators collect its layer inputs."""
+def _keeping_states(layers: dict[str, nn.Module]) -> Iterator[None]:
+    """Every quantizer of ``layers`` is on or off after the block as it was before."""
     disabled = {q: q._disabled for layer in layers.values() for q in layer_quantizers(layer)}
-    for layer in layers.values():
-        quantizer = layer.input_quantizer
-        quantizer._calibrator = _new_calibrator(method, quantizer)  # fresh statistics on every call
-        quantizer.enable()
-        quantizer.disable_quant()
-        quantizer.enable_calib()
-        if getattr(layer, "weight_quantizer", None) is not None:
-            layer.weight_quantizer.disable()
     try:
         yield
     finally:
-        for layer in layers.values():
-            layer.input_quantizer.disable_calib()
-            layer.input_quantizer.enable_quant()
         for quantizer, was_disabled in disabled.items():
             quantizer._disabled = was_disabled
+
+
+@contextlib.contextmanager
+def _collecting(layers: dict[str, nn.Module], method: str) -> Iterator[None]:
+    """Within the block the model computes in float while fresh calibrators collect its layer inputs."""
+    with _keeping_states(layers):
+        for layer in layers.values():
+            quantizer = layer.input_quantizer
+            quantizer._calibrator = _new_calibrator(method, quantizer)  # fresh statistics on every call
+            quantizer.enable()
+            quantizer.disable_quant()
+            quantizer.enable_calib()
+            if getattr(layer, "weight_quantizer", None) is not None:
+                layer.weight_quantizer.disable()
+        try:
+            yield
+        finally:
+            for layer in layers.values():
+                layer.input_quantizer.disable_calib()
+                layer.input_quantizer.enable_quant()
 
 
 def _batch_images(batch: Any) -> torch.Tensor:
@@ -144,16 +153,14 @@ def _auto_amax(model: nn.Module, layers: dict[str, nn.Module], maxima: dict[str,
     kept); returns amax_choice.choose_amax's record."""
     candidates = {}
     for name, layer in tqdm(layers.items(), desc="auto: candidates", unit="layer", file=sys.stderr, leave=False):
-        candidates[name] = candidate_amax(layer.input_quantizer._calibrator, maxima[name], entropy_stride)
+        found = candidate_amax(layer.input_quantizer._calibrator, maxima[name], entropy_stride)
+        safe, _ = _replace_dead(torch.tensor(list(found.values()), dtype=torch.float32))
+        candidates[name] = dict(zip(found, safe.tolist(), strict=True))
         layer.input_quantizer._calibrator.reset()  # drop histograms (up to MBs per layer)
         if getattr(layer, "weight_quantizer", None) is not None:
             layer.weight_quantizer.register_buffer("_amax", _weight_amax(layer))
-    states = {q: q._disabled for layer in layers.values() for q in layer_quantizers(layer)}
-    try:
-        return choose_amax(model, layers, candidates, images, _replace_dead)
-    finally:
-        for quantizer, was_disabled in states.items():
-            quantizer._disabled = was_disabled
+    with _keeping_states(layers):
+        return choose_amax(model, layers, candidates, images)
 
 
 def _replace_dead(amax: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -216,7 +223,7 @@ def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method:
     model.to(device).eval()
     auto = method == "auto"
     with quiet_library_logs(), device_safe(device):
-        with _collecting(layers, method), tracking_max(layers) as maxima:
+        with _collecting(layers, method), (tracking_max(layers) if auto else contextlib.nullcontext({})) as maxima:
             batches, images, kept = _feed(model, loader, num_batches, device, keep=auto_images if auto else 0)
         if images == 0:
             raise InputError(f"no readable image in the first {num_batches} calibration batches: check the "
@@ -377,6 +384,11 @@ def amax_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _auto_record(auto: dict[str, Any]) -> dict[str, Any]:
+    """What a run's calibration record keeps of auto's choice (the per-quantizer choice stays in the checkpoint)."""
+    return {k: auto[k] for k in ("selected", "scores", "counts") if k in auto}
+
+
 def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = None, loader: Any = None,
                      batch_number: int = 1, calib_method: str | None = None, percentile: float = 99.99,
                      device: str | torch.device = "cpu", num_bits: int = 8) -> tuple[nn.Module, dict[str, Any]]:
@@ -400,7 +412,7 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
         if "percentile" in info:
             record["percentile"] = info["percentile"]
         if "auto" in info:
-            record["auto"] = {k: info["auto"][k] for k in ("selected", "scores", "counts") if k in info["auto"]}
+            record["auto"] = _auto_record(info["auto"])
     else:
         if loader is None:
             raise InputError("no calibration data: pass --data-root with calibration images or --calib-weights")
@@ -409,6 +421,6 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
         record = {k: summary[k] for k in ("method", "percentile") if k in summary}
         record.update(source="calibrated", images=summary["images"], dead_amax=summary["dead_amax"])
         if "auto" in summary:
-            record["auto"] = {k: summary["auto"][k] for k in ("selected", "scores", "counts")}
+            record["auto"] = _auto_record(summary["auto"])
     record["amax_sha256"] = amax_sha256(qmodel)
     return qmodel.to(torch.device(device)).eval(), record

@@ -192,6 +192,14 @@ def quantize_only(model: nn.Module, layers: Iterable[str]) -> None:
         set_quantized(model, chosen, True)
 
 
+def float_only(model: nn.Module, layers: Iterable[str]) -> None:
+    """Run exactly ``layers`` in float; every other quantized layer INT8."""
+    chosen = list(resolve_layers(model, layers)) if layers else []  # validate before changing anything
+    set_quantized(model, None, True)
+    if chosen:
+        set_quantized(model, chosen, False)
+
+
 def enable_all(model: nn.Module) -> None:
     """Turn every quantizer on."""
     set_quantized(model, None, True)

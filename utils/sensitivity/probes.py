@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,8 +53,7 @@ def set_probe_state(model: nn.Module, layer: str, direction: str) -> None:
     if check_direction(direction) == "single":
         quant.quantize_only(model, [layer])
     else:
-        quant.enable_all(model)
-        quant.set_quantized(model, [layer], False)
+        quant.float_only(model, [layer])
 
 
 def split_halves(image_ids: Sequence[int]) -> dict[str, list[int]]:
@@ -100,14 +100,6 @@ class MapProbe:
         return self._evaluate()
 
 
-def _float_exactly(model: nn.Module) -> Callable[[list[str]], None]:
-    def apply(float_layers: list[str]) -> None:
-        quant.enable_all(model)
-        if float_layers:
-            quant.set_quantized(model, float_layers, False)
-    return apply
-
-
 class ProxyProbe:
     """Label-free proxy (``sqnr``, ``cosine`` or ``mse``) of the outputs against the float outputs, with one layer
     quantized (``single``) or one layer back in float (``revert``).
@@ -133,7 +125,7 @@ class ProxyProbe:
         self.coupled = dict(coupled or {})
         self.method, self.device = method, torch.device(device)
         self.model = model.to(self.device).eval()
-        self.apply_float = apply_float or _float_exactly(self.model)
+        self.apply_float = apply_float or functools.partial(quant.float_only, self.model)
         self.batches = [b.to(self.device) for b in batches]
         self.reuse = ForwardReuse(self.model, layers, reuse_max_bytes) if reuse else None
         self._checked = False

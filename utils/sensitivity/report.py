@@ -19,6 +19,7 @@ from utils.errors import InputError
 from utils.fileio import atomic_output, atomic_write_text
 from utils.sensitivity.metrics import (
     COLUMNS,
+    DIRECTIONS,
     VALUE_FORMAT,
     higher_is_less_sensitive,
     key_column,
@@ -206,11 +207,12 @@ def read_ranking(path: str | Path) -> list[str]:
     if path.suffix.lower() == ".json":
         order = _ranking_from_json(path)
     else:
-        rows, metric = read_sensitivity(path)
+        text = path.read_text()
+        rows, metric = parse_sensitivity(text, str(path))
         method = _metric_method(metric, str(path))
         column = COLUMNS[method].index(metric) + 1
-        direction = ranking_direction(path.read_text())
-        if direction not in ("single", "revert"):
+        direction = ranking_direction(text)
+        if direction not in DIRECTIONS:
             raise InputError(f"{path}: unknown direction {direction!r} in its '# metric:' line; write the file with "
                              "sensitivity_analyse.py")
         order = [rows[i][0] for i in sensitivity_order([row[column] for row in rows], method, direction)]
