@@ -72,6 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="amax calibration (default: max; auto: each quantizer's best of max / percentile / entropy "
                           "/ mse, chosen by the head output's error against float)")
     cal.add_argument("--percentile", type=float, default=99.99, metavar="P", help="for --calib-method percentile")
+    cal.add_argument("--entropy-stride", type=positive_int, default=1, metavar="K",
+                     help="entropy / auto: try every K-th histogram bin as the entropy amax (1: every bin, as YOLOv6; "
+                          "4: calibrates about 4x faster, auto's choice barely changes)")
     cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size")
     cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     ev = parser.add_argument_group("evaluation (COCO mAP50:95)")
@@ -173,7 +176,8 @@ def calibrated(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
         args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
     return calibrated_model(load_model(args.weights, deploy=True), calib_weights=args.calib_weights,
                             loader=loader, batch_number=args.batch_number, calib_method=args.calib_method,
-                            percentile=args.percentile, device=device)
+                            percentile=args.percentile, device=device,
+                            entropy_stride=args.entropy_stride)
 
 
 def rerank_choice(args: argparse.Namespace, model: PartialModel, qmodel: torch.nn.Module, device: torch.device,

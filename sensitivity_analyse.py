@@ -75,6 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calib-method", choices=quant.METHODS, default=None,
                      help="input amax calibration (default: max, or the method of --calib-weights)")
     cal.add_argument("--percentile", type=float, default=99.99, metavar="P", help="for --calib-method percentile")
+    cal.add_argument("--entropy-stride", type=positive_int, default=1, metavar="K",
+                     help="entropy / auto: try every K-th histogram bin as the entropy amax (1: every bin, as YOLOv6; "
+                          "4: calibrates about 4x faster, auto's choice barely changes)")
     cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size, a multiple of 32")
     cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     ana = parser.add_argument_group("analysis")
@@ -170,7 +173,8 @@ def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None 
     model = reparameterize(model_from_checkpoint(ckpt, args.weights))
     qmodel, calib = calibrated_model(model, calib_weights=args.calib_weights, loader=loader,
                                      batch_number=args.batch_number, calib_method=args.calib_method,
-                                     percentile=args.percentile, device=device)
+                                     percentile=args.percentile, device=device,
+                                     entropy_stride=args.entropy_stride)
     layers = select_layers(qmodel, args.layers)
     probe, data = _probe(args, qmodel, layers, device)
     header = make_header(model=model_id, method=args.method, calibration=calib, img_size=args.img_size,

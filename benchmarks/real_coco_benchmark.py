@@ -107,6 +107,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="the partial quantization budget of both methods (mAP50:95 drop on the train set)")
     run.add_argument("--method-calibrator", choices=list(CALIBRATORS), default="auto",
                      help="calibration of our partial quantization")
+    run.add_argument("--auto-entropy-stride", type=positive_int, default=4, metavar="K",
+                     help="the auto calibrator's entropy candidate tries every K-th histogram bin (1: every bin; "
+                          "see partial_quant.py --entropy-stride)")
     run.add_argument("--rerank", choices=PROXY_METHODS, default="sqnr", help="our search's re-ranking proxy")
     run.add_argument("--rerank-pool", type=positive_int, default=24, metavar="N", help="see partial_quant.py")
     run.add_argument("--proxy-images", type=positive_int, default=32, metavar="N",
@@ -160,10 +163,12 @@ def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.d
     rows, finished, settings = {}, _finished_rows(out), _calibration_settings(args)
     for name in dict.fromkeys(args.calibrators + [args.partial_calibrator, args.method_calibrator]):
         method, percentile = CALIBRATORS[name]
+        stride = args.auto_entropy_stride if method == "auto" else 1
+        row_settings = {**settings, "entropy_stride": stride} if stride != 1 else settings
         saved = out / f"calibrated_{name}.pt"
         previous = finished.get(f"int8 {name}", {})
         needed = name in (args.partial_calibrator, args.method_calibrator)
-        if previous.get("settings") == settings and (not needed or saved.is_file()) and \
+        if previous.get("settings") == row_settings and (not needed or saved.is_file()) and \
                 (name not in args.calibrators or "mAP50_95" in previous):
             _logger.info("full INT8 (%s): reusing the finished row", name)
             rows[f"int8 {name}"] = previous
@@ -171,11 +176,12 @@ def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.d
         start = time.perf_counter()
         qmodel, record = calibration.calibrated_model(load_model(args.weights), loader=loader,
                                                       batch_number=batch_number, calib_method=method,
-                                                      percentile=percentile or 99.99, device=device)
+                                                      percentile=percentile or 99.99, device=device,
+                                                      entropy_stride=stride)
         calib_seconds = time.perf_counter() - start
         if needed:
             calibration.save_calibrated(saved, qmodel, meta={"weights": str(args.weights)})
-        row: dict[str, Any] = {"calibration_s": round(calib_seconds, 1), "settings": settings}
+        row: dict[str, Any] = {"calibration_s": round(calib_seconds, 1), "settings": row_settings}
         if "auto" in record:
             row["auto"] = {"selected": record["auto"]["selected"], "counts": record["auto"]["counts"]}
         if name in args.calibrators:
@@ -215,12 +221,24 @@ def run_partial(folder: Path, argv: list[str]) -> dict[str, Any]:
     arguments is reused (a search can take most of an hour)."""
     record, report = folder / "benchmark_argv.json", folder / "partial_quant.json"
     argv = [*argv, "--output-dir", str(folder), "--overwrite", "--no-export"]  # exported by partial_onnx_row
-    if record.is_file() and report.is_file() and json.loads(record.read_text()) == argv:
+    if record.is_file() and report.is_file() and json.loads(record.read_text()) == argv and \
+            _same_calibration(json.loads(report.read_text()), argv):
         _logger.info("reusing %s (same arguments)", report)
     else:
         partial_quant.main(partial_quant.get_args_parser().parse_args(argv))
         write_json(record, argv)
     return json.loads(report.read_text())
+
+
+def _same_calibration(report: dict[str, Any], argv: list[str]) -> bool:
+    """Whether a finished partial run used the amax now in its --calib-weights file (a recalibration rewrites the
+    file under the same name)."""
+    calib_weights = argv[argv.index("--calib-weights") + 1]
+    try:
+        now = calibration.amax_sha256(calibration.load_calibrated(calib_weights))
+    except (OSError, InputError):
+        return False
+    return report.get("calibration", {}).get("amax_sha256") == now
 
 
 def _search_sets(args: argparse.Namespace) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -93,6 +94,12 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
     searched = (tmp_path / "out" / "partial" / "partial_quant.json").stat().st_mtime_ns
     bench.main(args)  # a rerun resumes the finished rankings and reuses the searches instead of recomputing them
     assert (tmp_path / "out" / "partial" / "partial_quant.json").stat().st_mtime_ns == searched
+    ours_report = tmp_path / "out" / "ours" / "partial_quant.json"
+    ours_searched = ours_report.stat().st_mtime_ns
+    shutil.copyfile(tmp_path / "out" / "calibrated_max.pt", tmp_path / "out" / "calibrated_percentile-99.99.pt")
+    bench.main(args)  # same arguments, but its calibration file now holds other amax: searched again
+    assert ours_report.stat().st_mtime_ns != ours_searched
+    assert json.loads(ours_report.read_text())["calibration"]["method"] == "max"
 
 
 def test_real_coco_benchmark_without_shared_names_the_paths(capsys):

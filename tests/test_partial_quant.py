@@ -182,6 +182,8 @@ def test_bad_inputs_exit_2(data, ranking, tmp_path, capsys):
     assert "out of range" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--skip-layers", "999"), capsys)
     assert "out of range" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--quant-boundary", "72"), capsys)
     assert "between 0 and 1" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--target-drop", "5"), capsys)
+    assert "--entropy-stride" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--skip-layers", "1",
+                                                                   "--entropy-stride", "0"), capsys)
     assert "together" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--target-drop", "0.1",
                                                            "--search-data", data["train_json"]), capsys)
     assert "--target-drop only" in _exit_2(partial_quant.main, _argv(

@@ -16,6 +16,7 @@ from utils.data.coco import ImageFolderDataset, create_dataloader
 from utils.errors import InputError
 from utils.quant import calibration
 from utils.quant import quantizers as quant
+from utils.quant.compat import calib
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,6 +56,33 @@ def test_every_method_gives_finite_positive_amax(method, percentile):
         assert (amax <= largest[name] * 1.001).all(), f"{name}: {method} amax above the observed max"
     with torch.no_grad():
         assert torch.isfinite(qmodel(batches[0])).all()
+
+
+def test_entropy_stride_tries_only_every_kth_bin(monkeypatch):
+    """With stride k the entropy amax is the upper edge of bin 128 + j*k (pytorch-quantization's search starts at
+    bin 128); stride 1 is the plain entropy calibration, and the stride is recorded."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    x[0, 0, 0, :8] = 12.0  # a few outliers: entropy clips them, somewhere inside the histogram
+    batches = [x]
+    amax = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(calib.HistogramCalibrator, "reset", lambda self: None)  # keep the histogram's bin edges
+        for stride in (1, 16):
+            qmodel = quant.quantize_model(model, skip=(), calib_method="entropy")
+            summary = calibration.calibrate(qmodel, batches, 1, method="entropy", entropy_stride=stride)
+            amax[stride] = float(amax_of(qmodel, "0._input_quantizer"))
+            edges = qmodel[0].input_quantizer._calibrator._calib_bin_edges
+            index = int(np.argmin(np.abs(edges - amax[stride])))
+            assert np.isclose(edges[index], amax[stride]) and (index - 128) % stride == 0, (stride, index)
+            assert summary.get("entropy_stride") == (None if stride == 1 else stride)
+    assert amax[16] != amax[1]  # this input's best bin is not one stride 16 tries
+    plain = quant.quantize_model(model, skip=(), calib_method="entropy")
+    calibration.calibrate(plain, batches, 1, method="entropy")
+    assert float(amax_of(plain, "0._input_quantizer")) == amax[1]
+    with pytest.raises(InputError, match="entropy stride"):
+        calibration.calibrate(plain, batches, 1, method="entropy", entropy_stride=0)
 
 
 def test_calibration_is_deterministic_and_takes_the_first_batches(yolov6n):

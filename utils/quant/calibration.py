@@ -51,8 +51,10 @@ def _model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _check_calib_args(method: str, num_batches: int, percentile: float) -> None:
+def _check_calib_args(method: str, num_batches: int, percentile: float, entropy_stride: int = 1) -> None:
     check_calib_method(method)
+    if isinstance(entropy_stride, bool) or not isinstance(entropy_stride, int) or entropy_stride < 1:
+        raise InputError(f"entropy stride must be a positive integer, got {entropy_stride!r}")
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise InputError(f"number of calibration batches must be a positive integer, got {num_batches!r}")
     if method == "percentile" and not 0 < percentile <= 100:
@@ -133,10 +135,11 @@ def _weight_amax(layer: nn.Module) -> torch.Tensor:
     return layer.weight.detach().abs().amax(dim=dims, keepdim=True).float()
 
 
-def _load_amax(layers: dict[str, nn.Module], method: str, percentile: float) -> None:
+def _load_amax(layers: dict[str, nn.Module], method: str, percentile: float, entropy_stride: int = 1) -> None:
     """Inputs: amax from the calibrators (NaN where a layer saw no data); weights: per-channel max."""
     args = () if method == "max" else (method,)
-    kwargs = {"percentile": percentile} if method == "percentile" else {}
+    kwargs = {"percentile": percentile} if method == "percentile" else \
+        {"stride": entropy_stride} if method == "entropy" else {}
     for layer in layers.values():
         quantizer = layer.input_quantizer
         if hasattr(quantizer, "_amax"):
@@ -208,13 +211,14 @@ def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method:
     Args:
         loader: batches as ``collate_detection`` makes them (items with ``ok`` False are left out) or image tensors.
         device: where the model runs (moved there); None keeps the model's device.
-        entropy_stride: ``auto``: stride of the entropy candidate's search (1: as ``entropy``; larger is faster).
+        entropy_stride: ``entropy`` and ``auto``'s entropy candidate: step of the search over histogram bins
+            (1: every bin, as YOLOv6 and pytorch-quantization; k: every k-th, about k times faster, close amax).
 
     Returns:
         A summary (method, percentile, batches, images, dead amax count; ``auto``: its choice record), also kept
         as ``model.quant_calib``.
     """
-    _check_calib_args(method, num_batches, percentile)
+    _check_calib_args(method, num_batches, percentile, entropy_stride)
     layers = resolve_layers(model, None)
     device = torch.device(device) if device is not None else _model_device(model)
     if isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler):
@@ -231,7 +235,7 @@ def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method:
         if auto:
             choice = _auto_amax(model, layers, maxima, kept, entropy_stride)
         else:
-            _load_amax(layers, method, percentile)
+            _load_amax(layers, method, percentile, entropy_stride)
     replaced = _finalize_amax(model, device)
     _warn_dead(replaced, model)
     model.train(was_training)
@@ -240,6 +244,8 @@ def calibrate(model: nn.Module, loader: Iterable[Any], num_batches: int, method:
     summary = {"method": method, "batches": batches, "images": images, "dead_amax": sum(replaced.values())}
     if method == "percentile":
         summary["percentile"] = float(percentile)
+    if method in ("entropy", "auto") and entropy_stride != 1:
+        summary["entropy_stride"] = entropy_stride
     if auto:
         summary["auto"] = choice
     model.quant_calib = summary
@@ -391,7 +397,8 @@ def _auto_record(auto: dict[str, Any]) -> dict[str, Any]:
 
 def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = None, loader: Any = None,
                      batch_number: int = 1, calib_method: str | None = None, percentile: float = 99.99,
-                     device: str | torch.device = "cpu", num_bits: int = 8) -> tuple[nn.Module, dict[str, Any]]:
+                     device: str | torch.device = "cpu", num_bits: int = 8,
+                     entropy_stride: int = 1) -> tuple[nn.Module, dict[str, Any]]:
     """The quantized copy of the deployed float ``model``, calibrated here or loaded from ``calib_weights``.
 
     Returns (quantized model on ``device``, calibration record: method (+ percentile), source, amax_sha256).
@@ -409,16 +416,15 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
             raise InputError(f"--calib-weights {calib_weights} was calibrated with {info.get('method')!r} but "
                              f"--calib-method is {calib_method!r}: drop --calib-method or recalibrate")
         record = {"method": info.get("method", "?"), "source": str(calib_weights)}
-        if "percentile" in info:
-            record["percentile"] = info["percentile"]
+        record.update({k: info[k] for k in ("percentile", "entropy_stride") if k in info})
         if "auto" in info:
             record["auto"] = _auto_record(info["auto"])
     else:
         if loader is None:
             raise InputError("no calibration data: pass --data-root with calibration images or --calib-weights")
         summary = calibrate(qmodel, loader, batch_number, method=calib_method or "max", percentile=percentile,
-                            device=device)
-        record = {k: summary[k] for k in ("method", "percentile") if k in summary}
+                            device=device, entropy_stride=entropy_stride)
+        record = {k: summary[k] for k in ("method", "percentile", "entropy_stride") if k in summary}
         record.update(source="calibrated", images=summary["images"], dead_amax=summary["dead_amax"])
         if "auto" in summary:
             record["auto"] = _auto_record(summary["auto"])
