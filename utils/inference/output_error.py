@@ -16,11 +16,13 @@ the worst value. Used by the sensitivity proxies and by automatic calibration.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 ERROR_METRICS = ("sqnr", "cosine", "mse")
 SQNR_CAP_DB = 200.0  # |SQNR| never exceeds this: zero error is "200 dB", not infinity
@@ -166,3 +168,17 @@ class DetectionError:
     def neck_value(self, metric: str) -> float:
         """The neck levels combined (the head's value when no neck was compared)."""
         return combine(metric, self.neck) if self.neck else self.head(metric)
+
+
+@contextlib.contextmanager
+def capturing_neck(model: nn.Module) -> Iterator[list[list[torch.Tensor]]]:
+    """Within the block, every forward of ``model`` appends its neck's outputs (one tensor per level) to the list
+    yielded (nothing for a model without a ``neck``)."""
+    captured: list[list[torch.Tensor]] = []
+    neck = getattr(model, "neck", None)
+    handle = None if neck is None else neck.register_forward_hook(lambda m, i, o: captured.append(list(o)))
+    try:
+        yield captured
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -166,6 +166,17 @@ def _auto_amax(model: nn.Module, layers: dict[str, nn.Module], maxima: dict[str,
         return choose_amax(model, layers, candidates, images)
 
 
+@torch.no_grad()
+def refresh_weight_amax(model: nn.Module) -> None:
+    """Every weight quantizer's amax to its layer's current per-channel max |w| (dead channels: DEAD_AMAX), as
+    calibration sets it: after the weights changed (fine-tuning), the checkpoint and the export stay consistent."""
+    for layer in quant_layers(model).values():
+        quantizer = getattr(layer, "weight_quantizer", None)
+        if quantizer is not None:
+            amax, _ = _replace_dead(_weight_amax(layer))
+            quantizer.register_buffer("_amax", amax.to(layer.weight.device))
+
+
 def _replace_dead(amax: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``amax`` with zero/NaN/inf values (and those 2.1.3 treats as zero) set to DEAD_AMAX; how many were."""
     dead = ~torch.isfinite(amax) | (amax <= _ZERO_AMAX)

@@ -6,12 +6,11 @@ float and / or full-PTQ values the per-layer ones are read against.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from utils.data.coco import CocoDetection
 from utils.errors import InputError
 from utils.inference.evaluate import evaluate
-from utils.inference.output_error import DetectionError
+from utils.inference.output_error import DetectionError, capturing_neck
 from utils.inference.runners import TorchRunner
 from utils.quant import quantizers as quant
 from utils.sensitivity.metrics import PROXY_METHODS, check_direction, detection_values
@@ -131,20 +130,9 @@ class ProxyProbe:
         self._checked = False
         self._refs: list[tuple[torch.Tensor, list[torch.Tensor]]] | None = None
 
-    @contextlib.contextmanager
-    def _capture_neck(self) -> Iterator[list[Any]]:
-        captured: list[Any] = []
-        neck = getattr(self.model, "neck", None)
-        handle = None if neck is None else neck.register_forward_hook(lambda m, i, o: captured.append(list(o)))
-        try:
-            yield captured
-        finally:
-            if handle is not None:
-                handle.remove()
-
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        with self._capture_neck() as captured:
+        with capturing_neck(self.model) as captured:
             out = self.model(x)
         return out, (captured[-1] if captured else [])
 
@@ -158,7 +146,7 @@ class ProxyProbe:
         record_float = self.reuse is not None and self.direction == "single"
         for x in tqdm(self.batches, desc="float reference", unit="batch", file=sys.stderr, leave=False,
                       disable=not self.progress):
-            with self._capture_neck() as captured:
+            with capturing_neck(self.model) as captured:
                 out = self.reuse.record(x) if record_float else self.model(x)
             refs.append((out, captured[-1] if captured else []))
         self._refs = refs
