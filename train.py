@@ -36,7 +36,7 @@ from utils.data.coco import CocoDetection
 from utils.errors import InputError
 from utils.fileio import check_output_file
 from utils.quant import quantizers as quant
-from utils.quant.calibration import is_calibrated_file, load_calibrated
+from utils.quant.calibration import amax_sha256, is_calibrated_file, load_calibrated
 from utils.training.augment import AugmentConfig
 from utils.training.loop import TrainConfig, Trainer
 from utils.training.qat import OPTIMIZERS, QatConfig, QatTrainer
@@ -194,8 +194,10 @@ def fine_tune(args: argparse.Namespace) -> dict[str, Any]:
                     max_images=args.max_images, eval_interval=args.eval_interval, workers=args.workers,
                     seed=args.seed)
     val_set = CocoDetection(args.val_data, args.val_images, img_size=args.img_size) if args.val_data else None
-    trainer = QatTrainer(load_calibrated(args.weights, device), args.images, cfg, out, args.img_size, device,
-                         val_set=val_set, progress=not args.no_progress)
+    start_model = load_calibrated(args.weights, device)
+    start_sha = amax_sha256(start_model)
+    trainer = QatTrainer(start_model, args.images, cfg, out, args.img_size, device, val_set=val_set,
+                         progress=not args.no_progress)
     if resuming:
         trainer.resume(args.resume or out / "last.pt")
     before = {"loss": trainer.distillation_loss(trainer.student)} if trainer.start_epoch == 0 else {}
@@ -208,7 +210,8 @@ def fine_tune(args: argparse.Namespace) -> dict[str, Any]:
     if val_set is not None:
         after["map"] = _map(trainer.evaluate(final))
     int8, total = quant.count_quantized(final)
-    record = {"checkpoint": str(path), "from": str(args.weights), "int8_layers": int8, "total_layers": total,
+    record = {"checkpoint": str(path), "from": str(args.weights), "from_amax_sha256": start_sha,
+              "int8_layers": int8, "total_layers": total,
               "before": before or None, "after": after, "minutes": round(trainer.seconds / 60, 2),
               "images": len(trainer.dataset), "history": history, "schedule": asdict(cfg), "args": args_dict(args)}
     write_json(outputs["qat.json"], record)

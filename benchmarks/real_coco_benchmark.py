@@ -14,14 +14,17 @@ For one checkpoint and real labelled sets (ranking and search on the train set, 
    set (no ranking stage: the search re-ranks by the proxy on the current partial model);
 5. each partial model's Q/DQ ONNX, verified against PyTorch and evaluated on ONNX Runtime (a failed verification
    is reported in its row, and the ONNX is still evaluated);
-6. proxy quality (unless --no-proxy-quality): every layer ranked by map and by each proxy, in both directions
+6. quantization-aware fine-tuning (unless --no-qat): train.py --qat (self-distillation on the train images, no
+   labels) of the full INT8 model (--method-calibrator) and of our partial model, with their Q/DQ ONNX on ONNX
+   Runtime;
+7. proxy quality (unless --no-proxy-quality): every layer ranked by map and by each proxy, in both directions
    (single: quantize the layer alone; revert: return it alone to float from full INT8), on the seed's calibration;
    Spearman's rho and top-10 overlap of each proxy against map, map's split-half reliability (its ranking on the
    even against the odd train images) and the seconds per layer;
 
 with the wall time of every stage. Prints the tables and writes them as JSON. Long stages keep their progress under
---output-dir: rerunning the same command resumes the per-layer rankings, and reuses a finished partial search whose
-arguments are unchanged.
+--output-dir: rerunning the same command resumes the per-layer rankings, and reuses a finished partial search or
+fine-tuning whose arguments and input calibration are unchanged.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import torch  # noqa: E402
 
 import partial_quant  # noqa: E402
 import sensitivity_analyse  # noqa: E402
+import train  # noqa: E402
 from models import load_model  # noqa: E402
 from utils.cli import (  # noqa: E402
     ArgumentParser,
@@ -114,6 +118,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--rerank-pool", type=positive_int, default=24, metavar="N", help="see partial_quant.py")
     run.add_argument("--proxy-images", type=positive_int, default=32, metavar="N",
                      help="train images every proxy compares outputs on")
+    run.add_argument("--qat-epochs", type=positive_int, default=5, metavar="N", help="fine-tuning epochs")
+    run.add_argument("--qat-lr", type=float, default=1e-4, metavar="LR", help="fine-tuning learning rate (AdamW)")
+    run.add_argument("--qat-learn-amax", action="store_true", help="fine-tuning also learns the input amax")
+    run.add_argument("--no-qat", action="store_true", help="skip the fine-tuning rows")
     run.add_argument("--no-proxy-quality", action="store_true",
                      help="skip the proxy-vs-map tables (the map ranking in the revert direction takes ~30 min)")
     run.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
@@ -322,6 +330,44 @@ def same_count_row(args: argparse.Namespace, out: Path, n_float: int) -> dict[st
     return {f"seed ranking, {n_float} most sensitive float": _partial_row(partial, search_s=partial["seconds"])}
 
 
+def run_qat(args: argparse.Namespace, folder: Path, weights: Path) -> dict[str, Any]:
+    """train.py --qat of the calibrated / partial checkpoint ``weights`` into ``folder`` (its qat.json); a finished
+    run with the same arguments from the same amax is reused."""
+    argv = ["--qat", "--weights", str(weights), "--images", str(args.train_images), "--val-data", str(args.val_data),
+            "--val-images", str(args.val_images), "--img-size", str(args.img_size), "--batch-size", "16",
+            "--workers", str(args.workers), "--device", args.device, "--epochs", str(args.qat_epochs), "--lr0",
+            str(args.qat_lr), "--output-dir", str(folder), "--overwrite", "--eval-interval", str(args.qat_epochs)]
+    argv += (["--learn-amax"] if args.qat_learn_amax else []) + (["--no-progress"] if args.no_progress else [])
+    record, report = folder / "benchmark_argv.json", folder / "qat.json"
+    if record.is_file() and report.is_file() and json.loads(record.read_text()) == argv and \
+            json.loads(report.read_text()).get("from_amax_sha256") == \
+            calibration.amax_sha256(calibration.load_calibrated(weights)):
+        _logger.info("reusing %s (same arguments)", report)
+    else:
+        train.main(train.get_args_parser().parse_args(argv))
+        write_json(record, argv)
+    return json.loads(report.read_text())
+
+
+def qat_rows(args: argparse.Namespace, out: Path, val: CocoDetection, our_partial: dict[str, Any]) -> dict:
+    """Fine-tuned full INT8 and fine-tuned ours, each with its Q/DQ ONNX on ONNX Runtime."""
+    rows = {}
+    for name, folder, weights in (("full INT8", out / "qat_full", out / f"calibrated_{args.method_calibrator}.pt"),
+                                  ("ours", out / "qat_ours", Path(our_partial["checkpoint"]))):
+        qat = run_qat(args, folder, weights)
+        epochs = f"{args.qat_epochs} epoch{'s' if args.qat_epochs > 1 else ''}"
+        label = f"QAT {name} ({epochs}{', learned amax' if args.qat_learn_amax else ''})"
+        rows[label] = {**qat["after"]["map"], "int8_layers": qat["int8_layers"], "total_layers": qat["total_layers"],
+                       "before": qat["before"]["start"]["mAP50_95"], "qat_s": round(qat["minutes"] * 60, 1),
+                       "loss_before": float(f"{qat['before']['loss']:.4g}"),
+                       "loss_after": float(f"{qat['after']['loss']:.4g}")}
+        if not args.no_onnx:
+            report = {"checkpoint": qat["checkpoint"], "int8_layers": qat["int8_layers"],
+                      "total_layers": qat["total_layers"], "partial_map": qat["after"]["map"]["mAP50_95"]}
+            rows[f"{label} Q/DQ ONNX (ORT)"] = partial_onnx_row(args, folder, val, report)
+    return rows
+
+
 def _values(report: dict[str, Any], column: str) -> list[float] | None:
     rows = report["layers"]
     return [row[column] for row in rows] if all(column in row for row in rows) else None
@@ -365,7 +411,7 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
             continue
         int8 = f"{r['int8_layers']}/{r['total_layers']}" if "int8_layers" in r else "-"
         lines.append(f"{name:<58} {r['mAP50_95']:>9.4f} {r.get('mAP50', float('nan')):>7.4f} {int8:>12} "
-                     f"{r.get('seconds', r.get('search_s', float('nan'))):>8.1f}")
+                     f"{r.get('seconds', r.get('search_s', r.get('qat_s', float('nan')))):>8.1f}")
     return "\n".join(lines)
 
 
@@ -404,6 +450,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "partial", val, seed_partial)
         rows["ours Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours", val, our_partial)
     write_json(out / "rows_so_far.json", rows)
+    if not args.no_qat:
+        rows.update(qat_rows(args, out, val, our_partial))
+        write_json(out / "rows_so_far.json", rows)
     quality = {} if args.no_proxy_quality else proxy_quality(args, out)
     print(format_table(rows), flush=True)
     if quality:

@@ -74,14 +74,17 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
          "8", "--workers", "0", "--calibrators", "max", "percentile-99.99", "--partial-calibrator", "max",
          "--method-calibrator", "percentile-99.99", "--proxy-images", "4", "--target-drop", "1.0",
          "--layers", *LAYERS[:2], "--output-dir", str(tmp_path / "out"), "--json", str(tmp_path / "bench.json"),
-         "--no-progress"])
+         "--no-progress", "--qat-epochs", "1", "--qat-lr", "1e-5"])
     bench.main(args)
     result = json.loads((tmp_path / "bench.json").read_text())
     rows, quality = result["rows"], result["proxy_quality"]
     ours = "ours (percentile-99.99, re-ranked by sqnr, drop 1.0)"
     assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", ours, "seed partial (max, drop 1.0)",
                           "seed ranking, 0 most sensitive float", "seed partial Q/DQ ONNX (ORT)",
-                          "ours Q/DQ ONNX (ORT)"]
+                          "ours Q/DQ ONNX (ORT)", "QAT full INT8 (1 epoch)", "QAT full INT8 (1 epoch) Q/DQ ONNX (ORT)",
+                          "QAT ours (1 epoch)", "QAT ours (1 epoch) Q/DQ ONNX (ORT)"]
+    qat = rows["QAT full INT8 (1 epoch)"]
+    assert qat["int8_layers"] == qat["total_layers"] and qat["loss_after"] < qat["loss_before"]
     partial = rows["seed partial (max, drop 1.0)"]
     assert partial["int8_layers"] == partial["total_layers"] and partial["mAP50_95"] == rows["int8 max"]["mAP50_95"]
     # drop 1.0: full INT8 (input amax shared for TensorRT) is within budget after one evaluation
@@ -92,8 +95,10 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
     out = capsys.readouterr().out
     assert "seed partial" in out and "split-half" in out
     searched = (tmp_path / "out" / "partial" / "partial_quant.json").stat().st_mtime_ns
+    tuned = (tmp_path / "out" / "qat_full" / "qat.json").stat().st_mtime_ns
     bench.main(args)  # a rerun resumes the finished rankings and reuses the searches instead of recomputing them
     assert (tmp_path / "out" / "partial" / "partial_quant.json").stat().st_mtime_ns == searched
+    assert (tmp_path / "out" / "qat_full" / "qat.json").stat().st_mtime_ns == tuned
     ours_report = tmp_path / "out" / "ours" / "partial_quant.json"
     ours_searched = ours_report.stat().st_mtime_ns
     shutil.copyfile(tmp_path / "out" / "calibrated_max.pt", tmp_path / "out" / "calibrated_percentile-99.99.pt")
