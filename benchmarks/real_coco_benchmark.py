@@ -62,6 +62,7 @@ from utils.data.calibration import calibration_loader  # noqa: E402
 from utils.data.coco import CocoDetection  # noqa: E402
 from utils.deploy.onnx_export import export_verified, verification_batch  # noqa: E402
 from utils.errors import InputError  # noqa: E402
+from utils.fileio import ensure_folder  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
@@ -431,7 +432,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_folder(out)
     val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
     start = time.perf_counter()
     fp = evaluate(TorchRunner(load_model(args.weights), device), val, args.batch_size, args.workers,

@@ -35,6 +35,11 @@ def run_cli(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a path the user named cannot be read or written (permissions, full disk, ...)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}: check the path, its permissions and the free space",
+              file=sys.stderr)
+        sys.exit(EXIT_INPUT_ERROR)
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from models import reparameterize, save_checkpoint
 from utils.data.coco import CocoDetection, create_dataloader
 from utils.errors import InputError
+from utils.fileio import ensure_folder
 from utils.inference.evaluate import evaluate
 from utils.inference.runners import TorchRunner
 from utils.training.augment import AugmentConfig
@@ -188,7 +189,7 @@ class Trainer:
                         workers=self.cfg.workers, progress=self.progress)
 
     def fit(self) -> dict[str, Any]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_folder(self.out_dir)
         start = time.perf_counter()
         metrics: dict[str, Any] | None = None
         for epoch in range(self.start_epoch, self.cfg.epochs):

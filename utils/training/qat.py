@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from utils.data.coco import CocoDetection, ImageFolderDataset, create_dataloader
 from utils.errors import InputError
-from utils.fileio import atomic_output
+from utils.fileio import atomic_output, ensure_folder
 from utils.inference.evaluate import evaluate
 from utils.inference.output_error import capturing_neck, head_parts
 from utils.inference.runners import TorchRunner
@@ -333,7 +333,7 @@ class QatTrainer:
 
     def fit(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the per-epoch history (loss parts, val mAP where measured)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_folder(self.out_dir)
         for epoch in range(self.start_epoch, self.cfg.epochs):
             start = time.perf_counter()
             losses = self.train_one_epoch(epoch)
