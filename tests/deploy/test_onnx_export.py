@@ -47,3 +47,19 @@ def test_qdq_onnx_export_matches_pytorch(calibrated, tmp_path):
     assert (actual - expected).abs().max().item() <= 1e-4
     with torch.no_grad():
         assert (actual - calibrated(x)).abs().max().item() <= 1e-4  # 2.1.3's own fake quant agrees too
+
+
+def test_the_export_carries_the_class_names_for_evaluation(tmp_path):
+    from models import reparameterize
+    from tests.helpers import tiny_detector
+    from utils.deploy.onnx_export import export_verified
+    from utils.inference.runners import OnnxRuntimeRunner
+
+    model = reparameterize(tiny_detector())
+    model.config = {**model.config, "names": ["cat", "dog", "car", "bus", "cup", "box"]}
+    path = tmp_path / "named.onnx"
+    export_verified(model, path, images(1, seed=3), img_size=64)
+    assert OnnxRuntimeRunner(path).class_names == ["cat", "dog", "car", "bus", "cup", "box"]
+    model.config = {k: v for k, v in model.config.items() if k != "names"}
+    export_verified(model, tmp_path / "unnamed.onnx", images(1, seed=3), img_size=64)
+    assert OnnxRuntimeRunner(tmp_path / "unnamed.onnx").class_names is None

@@ -266,6 +266,11 @@ class CocoDetection(Dataset):
         """Usable (non-crowd, non-empty) boxes over the served images."""
         return sum(len(t) for t in self._targets.values())
 
+    def annotated_categories(self) -> list[int]:
+        """Category ids with at least one usable box on the served images."""
+        indices = {int(c) for t in self._targets.values() for c in t[:, 0]} if self._targets else set()
+        return [self.cat_ids[i] for i in sorted(indices)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         img_id = self.image_ids[index]
         info = self.coco.imgs[img_id]

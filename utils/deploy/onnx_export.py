@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import tempfile
@@ -14,6 +15,7 @@ import torch
 
 from utils.errors import InputError
 from utils.fileio import atomic_output
+from utils.inference.runners import CLASS_NAMES_KEY
 
 _logger = logging.getLogger(__name__)
 
@@ -209,6 +211,9 @@ def export_verified(model: torch.nn.Module, path: str | Path, images: torch.Tens
                        "the FP16-typed ONNX on ONNX Runtime")
         if end2end is not None:
             graph = onnx_graph.add_efficient_nms(graph, **end2end)
+        names = config.get("names") if isinstance(config := getattr(model, "config", None), dict) else None
+        if names:  # evaluation maps classes to a dataset's categories by these names
+            onnx.helper.set_model_props(graph, {CLASS_NAMES_KEY: json.dumps([str(n) for n in names])})
         with atomic_output(path, suffix=".tmp.onnx") as tmp:
             onnx.save(graph, str(tmp))
     _logger.info("%s ONNX %s: %d/%d layers INT8, max |ONNX Runtime - PyTorch| %.3g px boxes, %.3g scores", precision,

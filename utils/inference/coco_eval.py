@@ -41,20 +41,21 @@ class CocoEvaluator:
 
     Args:
         coco_gt: ground truth, e.g. from `load_coco`.
-        cat_ids: category id of each class index (class index i -> cat_ids[i]).
+        cat_ids: category id of each class index (class index i -> cat_ids[i]); None for a class the dataset does
+            not have (its detections are left out).
     """
 
-    def __init__(self, coco_gt: COCO, cat_ids: list[int]) -> None:
-        if not cat_ids:
+    def __init__(self, coco_gt: COCO, cat_ids: list[int | None]) -> None:
+        if not any(c is not None for c in cat_ids):
             raise InputError("no category ids given; the class index -> COCO category id mapping must not be empty")
-        unknown = [c for c in cat_ids if c not in coco_gt.cats]
+        unknown = [c for c in cat_ids if c is not None and c not in coco_gt.cats]
         if unknown:
             raise InputError(
                 f"category ids {unknown} are not in the annotation file (it has {sorted(coco_gt.cats)}); "
                 "use the category ids of the dataset being evaluated"
             )
         self.coco_gt = coco_gt
-        self.cat_ids = [int(c) for c in cat_ids]
+        self.cat_ids = [None if c is None else int(c) for c in cat_ids]
         self._predictions: list[dict[str, Any]] = []
         self._image_ids: dict[int, None] = {}  # insertion-ordered set
 
@@ -85,6 +86,8 @@ class CocoEvaluator:
             )
         self._image_ids[image_id] = None
         for x1, y1, x2, y2, score, cls in detections.detach().to("cpu", torch.float64).tolist():
+            if self._category_id(cls) is None:
+                continue  # a class the dataset does not have
             self._predictions.append(
                 {
                     "image_id": image_id,
@@ -94,7 +97,7 @@ class CocoEvaluator:
                 }
             )
 
-    def _category_id(self, class_index: float) -> int:
+    def _category_id(self, class_index: float) -> int | None:
         index = int(class_index)
         if not 0 <= index < len(self.cat_ids):
             raise InputError(

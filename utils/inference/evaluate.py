@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from utils.data.coco import CocoDetection, create_dataloader, scale_boxes_to_original
@@ -19,35 +18,72 @@ from utils.inference.runners import Runner
 _logger = logging.getLogger(__name__)
 
 
-def check_num_classes(predictions: torch.Tensor, dataset: CocoDetection) -> None:
-    """The model's class count must match the dataset's categories, or class ids would be mapped wrongly."""
-    num_classes = predictions.shape[-1] - 5
+def class_categories(num_classes: int, dataset: CocoDetection,
+                     class_names: Sequence[str] | None = None) -> list[int | None]:
+    """The COCO category id of each of the model's classes (None: the dataset does not have that class).
+
+    By name when the model carries class names (COCO's ids may be any integers in any order, and a file may hold
+    categories the model does not predict, e.g. a placeholder or an unused class); by position (sorted ids) when it
+    does not and the counts match; otherwise an InputError, since any mapping would be a guess.
+    """
+    file = dataset.ann_file
+    if class_names:
+        if len(class_names) != num_classes:
+            raise InputError(f"the model predicts {num_classes} classes but carries {len(class_names)} class names; "
+                             "its checkpoint is inconsistent: re-save it with one name per class")
+        by_name: dict[str, int] = {}
+        for cat_id, name in zip(dataset.cat_ids, dataset.class_names, strict=True):
+            if name in by_name:
+                raise InputError(f"{file} has two categories named {name!r} (ids {by_name[name]} and {cat_id}); "
+                                 "give each category its own name")
+            by_name[name] = cat_id
+        mapping = [by_name.get(str(name)) for name in class_names]
+        if all(cat_id is None for cat_id in mapping):
+            raise InputError(f"none of the model's class names ({', '.join(map(str, class_names[:5]))}, ...) is a "
+                             f"category name of {file} ({', '.join(dataset.class_names[:5])}, ...): evaluate on the "
+                             "dataset the model was trained for")
+        missing = [str(n) for n, c in zip(class_names, mapping, strict=True) if c is None]
+        if missing:
+            _logger.warning("model classes without a category in %s (their detections are left out): %s", file,
+                            ", ".join(missing))
+        unpredicted = sorted(set(dataset.annotated_categories()) - {c for c in mapping if c is not None})
+        if unpredicted:
+            _logger.warning("categories of %s with annotations the model cannot predict (they count as missed): %s",
+                            file, ", ".join(dataset.class_names[dataset.cat_id_to_index[c]] for c in unpredicted))
+        return mapping
     if num_classes != len(dataset.cat_ids):
-        raise InputError(f"the model predicts {num_classes} classes but {dataset.ann_file} has "
-                         f"{len(dataset.cat_ids)} categories; evaluate on the dataset the model was trained for")
+        raise InputError(f"the model predicts {num_classes} classes but {file} has {len(dataset.cat_ids)} "
+                         "categories, and the model carries no class names to match them by: evaluate on the "
+                         "dataset the model was trained for, or use a checkpoint that names its classes")
+    return list(dataset.cat_ids)
 
 
 def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, workers: int = 2, conf: float = 0.03,
              iou: float = 0.65, max_det: int = 300, progress: bool = True,
              save_json: str | Path | None = None,
-             subsets: Mapping[str, Iterable[int]] | None = None) -> dict[str, Any]:
+             subsets: Mapping[str, Iterable[int]] | None = None,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """COCO mAP of ``runner`` on ``dataset``, YOLOv6's evaluation post-processing (multi-label NMS).
 
     Args:
         subsets: name -> COCO image ids; each subset's mAP50 / mAP50_95 is also computed from the same predictions
             (e.g. the two halves of a split-half reliability check).
+        class_names: the model's class names, to match the dataset's categories by name (default: the runner's
+            ``class_names``; without names classes match categories by position, see ``class_categories``).
 
     Returns a flat dict: the 12 COCO stats (``mAP50_95``, ``mAP50``, ...), ``images``, ``unreadable``,
     ``seconds``, ``images_per_s`` (end to end, data loading included), ``summary_text`` and, with ``subsets``,
     ``subsets`` (name -> {mAP50, mAP50_95}).
     """
-    evaluator = CocoEvaluator(dataset.coco, dataset.cat_ids)
+    names = class_names if class_names is not None else getattr(runner, "class_names", None)
+    evaluator: CocoEvaluator | None = None
     loader = create_dataloader(dataset, batch_size, workers=workers)
     images = unreadable = 0
     start = time.perf_counter()
     for batch in tqdm(loader, desc=f"eval [{runner.name}]", unit="batch", disable=not progress, leave=False):
         predictions = runner(batch["image"])
-        check_num_classes(predictions, dataset)
+        if evaluator is None:
+            evaluator = CocoEvaluator(dataset.coco, class_categories(predictions.shape[-1] - 5, dataset, names))
         detections = non_max_suppression(predictions, conf_thres=conf, iou_thres=iou, max_det=max_det)
         for i, det in enumerate(detections):
             if not batch["ok"][i]:
@@ -61,6 +97,8 @@ def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, worker
     if unreadable:
         _logger.warning("%d of %d images could not be read and were left out of the metrics (see warnings above)",
                         unreadable, len(dataset))
+    if evaluator is None:
+        raise InputError(f"{dataset.ann_file} lists no images to evaluate: check the annotation file")
     metrics = evaluator.summarize()
     if subsets:
         metrics["subsets"] = {name: {k: evaluator.summarize(ids)[k] for k in ("mAP50", "mAP50_95")}

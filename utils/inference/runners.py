@@ -2,11 +2,12 @@
 
 A runner takes a float32 batch [B,3,H,W] in [0,1] (any device) and returns the raw predictions [B,N,5+nc] as a
 float32 tensor on the CPU: cx, cy, w, h (input pixels), objectness, class scores. The TensorRT runner lives in
-utils/trt_runner.py and is imported only for engine files (TensorRT is optional).
+utils/inference/tensorrt.py and is imported only for engine files (TensorRT is optional).
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +21,18 @@ _logger = logging.getLogger(__name__)
 
 ONNX_SUFFIXES = {".onnx"}
 ENGINE_SUFFIXES = {".engine", ".trt", ".plan"}
+
+
+CLASS_NAMES_KEY = "names"  # ONNX metadata key: the model's class names as a JSON list (written by the export)
+
+
+def class_names_of(metadata: dict[str, str]) -> list[str] | None:
+    """Class names from an ONNX model's metadata (None when absent or not a JSON list of names)."""
+    try:
+        names = json.loads(metadata.get(CLASS_NAMES_KEY, "null"))
+    except ValueError:
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
 class Runner(Protocol):
@@ -41,6 +54,9 @@ class TorchRunner:
         if half:
             self.model.half()
         self.half, self.name, self.input_hw = half, "pytorch" + (" fp16" if half else ""), None
+        config = getattr(model, "config", None)
+        names = config.get("names") if isinstance(config, dict) else None
+        self.class_names: list[str] | None = [str(n) for n in names] if names else None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -74,6 +90,7 @@ class OnnxRuntimeRunner:
         self.fixed_batch = batch if isinstance(batch, int) else None
         self.input_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else None
         self.name = f"onnxruntime ({providers[0]})"
+        self.class_names = class_names_of(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().float().cpu().numpy()
