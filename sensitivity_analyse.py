@@ -35,7 +35,7 @@ from utils.fileio import file_sha256
 from utils.quant import calibration
 from utils.quant import quantizers as quant
 from utils.quant.calibration import calibrated_model
-from utils.sensitivity import analyse
+from utils.sensitivity import analyse, distributed
 from utils.sensitivity.metrics import DIRECTIONS, METHODS
 from utils.sensitivity.probes import MapProbe, ProxyProbe, select_layers
 from utils.sensitivity.report import build_report, format_table, write_reports
@@ -154,12 +154,35 @@ def _finish(args: argparse.Namespace, output: Path, header: dict, records: dict,
             **{kind: str(p) for kind, p in paths.items()}, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
-    start = time.perf_counter()
-    check_args(args)
-    output = Path(args.output or Path("runs", "sensitivity", Path(args.weights).stem))
+def _output(args: argparse.Namespace) -> Path:
+    return Path(args.output or Path("runs", "sensitivity", Path(args.weights).stem))
+
+
+def _calibrated(args: argparse.Namespace, ckpt: Any, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    loader = None if args.calib_weights else calibration_loader(
+        args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
+    model = reparameterize(model_from_checkpoint(ckpt, args.weights))
+    return calibrated_model(model, calib_weights=args.calib_weights, loader=loader, batch_number=args.batch_number,
+                            calib_method=args.calib_method, percentile=args.percentile, device=device,
+                            entropy_stride=args.entropy_stride)
+
+
+def _model_id(args: argparse.Namespace, ckpt: Any) -> dict[str, Any]:
+    """What the progress files name the model by."""
+    return {"sha256": file_sha256(args.weights), "config": ckpt.config.get("name")}
+
+
+def _save_calibration(args: argparse.Namespace, qmodel: torch.nn.Module, output: Path) -> None:
+    saved = calibration.save_calibrated(output / "calibrated.pt", qmodel, meta={"weights": str(args.weights)})
+    _logger.info("calibrated checkpoint: %s (pass it as --calib-weights to skip calibration)", saved)
+
+
+def analyse_layers(args: argparse.Namespace, start: float,
+                   on_layer: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """One process's analysis: every selected layer, or its --shard, or the --merge of finished shards."""
+    output = _output(args)
     ckpt = read_checkpoint(args.weights)
-    model_id = {"sha256": file_sha256(args.weights), "config": ckpt.config.get("name")}
+    model_id = _model_id(args, ckpt)
     if args.merge:
         return _finish(args, output, *merge_shards(output, args.method, model=model_id, direction=args.direction),
                        start)
@@ -168,13 +191,7 @@ def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None 
                    args.direction)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    loader = None if args.calib_weights else calibration_loader(
-        args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
-    model = reparameterize(model_from_checkpoint(ckpt, args.weights))
-    qmodel, calib = calibrated_model(model, calib_weights=args.calib_weights, loader=loader,
-                                     batch_number=args.batch_number, calib_method=args.calib_method,
-                                     percentile=args.percentile, device=device,
-                                     entropy_stride=args.entropy_stride)
+    qmodel, calib = _calibrated(args, ckpt, device)
     layers = select_layers(qmodel, args.layers)
     probe, data = _probe(args, qmodel, layers, device)
     header = make_header(model=model_id, method=args.method, calibration=calib, img_size=args.img_size,
@@ -182,8 +199,7 @@ def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None 
                          shard=args.shard, direction=args.direction)
     progress = ProgressFile(progress_file, header, resume=args.resume, overwrite=args.overwrite)
     if not args.calib_weights:  # after the progress check: never replace the calibration of another analysis
-        saved = calibration.save_calibrated(output / "calibrated.pt", qmodel, meta={"weights": str(args.weights)})
-        _logger.info("calibrated checkpoint: %s (pass it as --calib-weights to skip calibration)", saved)
+        _save_calibration(args, qmodel, output)
     records = analyse(probe, shard_layers(layers, args.shard), progress, method=args.method, direction=args.direction,
                       baselines=args.shard is None or args.shard[0] == 0, on_layer=on_layer,
                       show_progress=not args.no_progress)
@@ -193,6 +209,44 @@ def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None 
         return {"method": args.method, "shard": "%d/%d" % args.shard, "layers": len(records),
                 "progress": str(progress_file), "seconds": round(time.perf_counter() - start, 2)}
     return _finish(args, output, header, records, progress.baselines, start)
+
+
+def analyse_under_torchrun(args: argparse.Namespace, rank: int, world: int, start: float,
+                           on_layer: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """torchrun: rank 0 calibrates once (unless --calib-weights), every rank analyses shard RANK/WORLD_SIZE,
+    rank 0 merges the shards into the ranking when all are done."""
+    if args.shard is not None or args.merge:
+        raise InputError("under torchrun each rank takes its shard from RANK / WORLD_SIZE: drop --shard / --merge")
+    device = distributed.rank_device(resolve_device(args.device))
+    args.device, args.shard, output = str(device), (rank, world), _output(args)
+    distributed.init_group(device)
+    try:
+        if not args.calib_weights:  # one calibration for all ranks, so that the shards can be merged
+            if rank == 0:
+                ckpt = read_checkpoint(args.weights)
+                check_progress(progress_path(output, args.method, args.shard, args.direction),
+                               _model_id(args, ckpt), args.method, args.resume, args.overwrite, args.direction)
+                torch.manual_seed(args.seed)
+                _save_calibration(args, _calibrated(args, ckpt, device)[0], output)
+            distributed.barrier()
+            args.calib_weights = str(output / "calibrated.pt")
+        shard = analyse_layers(args, start, on_layer)
+        distributed.barrier()  # every shard finished (a failed rank makes torchrun stop the others)
+        if rank != 0:
+            return shard
+        args.shard, args.merge = None, True
+        return analyse_layers(args, start)
+    finally:
+        distributed.close_group()
+
+
+def main(args: argparse.Namespace, on_layer: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    start = time.perf_counter()
+    check_args(args)
+    ranked = distributed.torchrun_shard()
+    if ranked is not None:
+        return analyse_under_torchrun(args, *ranked, start, on_layer)
+    return analyse_layers(args, start, on_layer)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,30 @@ def test_shards_merge_to_the_single_run(tiny_checkpoint, tiny_val, tmp_path, cap
                                                    layers=None), capsys)
 
 
+def test_torchrun_ranks_share_the_layers_and_merge_to_the_single_run(tiny_val, tmp_path):
+    """2 CPU processes (gloo) on the bundled model: rank 0 calibrates once, each rank analyses its shard, rank 0
+    merges; the ranking file is byte-identical to one process's; rerun with --resume, nothing is recomputed."""
+    demo = str(REPO / "assets" / "yolov6n_synthetic.pt")
+    argv = ["--weights", demo, "--method", "map", "--data", tiny_val["json"], "--images", tiny_val["images"],
+            "--data-root", tiny_val["images"], "--img-size", str(SIZE), "--batch-size", "4", "--batch-number", "2",
+            "--workers", "0", "--no-progress", "--layers", *LAYERS]
+    single = _run([*argv, "--output", str(tmp_path / "single")])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              str(REPO / "sensitivity_analyse.py"), *argv, "--output", str(tmp_path / "ranks")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = tmp_path / "ranks"
+    assert sorted(p.name for p in ranks.glob("progress_map.shard*")) == ["progress_map.shard0of2.jsonl",
+                                                                       "progress_map.shard1of2.jsonl"]
+    assert (ranks / "sensitivity_map.txt").read_bytes() == Path(single["txt"]).read_bytes()
+    before = {p.name: p.read_bytes() for p in ranks.glob("progress_map.shard*")}
+    again = subprocess.run([*launch, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in ranks.glob("progress_map.shard*")} == before
+    assert (ranks / "sensitivity_map.txt").read_bytes() == Path(single["txt"]).read_bytes()
+
+
 def test_revert_direction_map_numbers_files_and_shards(tiny_checkpoint, tiny_val, tmp_path, capsys):
     """--direction revert: each value is the mAP of full INT8 with only that layer float (evaluated here
     independently), a higher mAP ranks first, files carry a _revert suffix and say so, shards merge to the same."""
