@@ -15,7 +15,7 @@ ALLOWED = {
     "sensitivity": {"data", "inference", "quant"},
     "fallback": {"data", "inference", "quant", "sensitivity"},
     "deploy": {"data", "inference", "quant"},
-    "training": {"data", "inference"},
+    "training": {"data", "inference", "quant"},  # quantization-aware fine-tuning trains a quantized model
 }
 PLUMBING = {"utils.cli", "utils.errors", "utils.fileio"}
 SCRIPTS = {p.stem for p in REPO.glob("*.py")}
