@@ -114,3 +114,20 @@ def test_real_coco_benchmark_without_shared_names_the_paths(capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(bench.main, args)
     assert exc.value.code == 2 and "pass --train-data" in capsys.readouterr().err
+
+
+def test_gpu_check_compares_two_devices(tiny_checkpoint, tiny_val, tmp_path, capsys):
+    """Run on two CPU 'devices' (what CI has): every check passes, with both runs' timings in the JSON."""
+    check = load_script("benchmarks/gpu_check.py")
+    args = check.get_args_parser().parse_args(
+        ["--weights", str(tiny_checkpoint), "--val-data", tiny_val["json"], "--val-images", tiny_val["images"],
+         "--calib-images", tiny_val["images"], "--devices", "cpu", "cpu", "--img-size", str(SIZE), "--batch-size",
+         "4", "--batch-number", "2", "--proxy-images", "4", "--workers", "0", "--layers", "detect.*",
+         "--output-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "check.json"), "--no-progress"])
+    result = check.main(args)
+    assert result["passed"] and result["checks"]["amax_max_rel_diff"]["value"] == 0.0
+    assert result["checks"]["top10_same_order"]["value"] is True
+    saved = json.loads((tmp_path / "check.json").read_text())
+    assert [r["device"] for r in saved["runs"]] == ["cpu", "cpu"]
+    assert all(r["seconds"]["calibration_and_ranking"] > 0 for r in saved["runs"])
+    assert "PASS  map_int8_abs_diff" in capsys.readouterr().out
