@@ -17,7 +17,14 @@ import torch
 
 from models import load_model
 from utils.cli import ArgumentParser, img_size, positive_int, run_cli, unit_interval, write_json
-from utils.deploy.onnx_export import DEFAULT_OPSET, TOLERANCES, build_hint, export_verified, verification_batch
+from utils.deploy.onnx_export import (
+    DEFAULT_OPSET,
+    TOLERANCES,
+    build_hint,
+    export_verified,
+    trtexec_lines,
+    verification_batch,
+)
 from utils.errors import InputError
 from utils.fileio import check_output_file
 from utils.quant import calibration
@@ -101,11 +108,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                              dynamic_batch=args.dynamic_batch, opset=args.opset, simplify=not args.no_simplify,
                              tolerances=tolerances(args, record_precision(model)),
                              fp16_graph=args.fp16_graph, end2end=end2end)
-    record.update(weights=str(args.weights), build=build_hint(output))
+    record.update(weights=str(args.weights), build=build_hint(output),
+                  trtexec=trtexec_lines(output, args.img_size, record["precision"]))
     write_json(record_path, record)
     print(f"{output}: {record['precision']}, {record['int8_layers']}/{record['total_layers']} layers INT8, "
           f"max |ONNX Runtime - PyTorch| {record['max_abs_diff']['box']:.3g} px / {record['max_abs_diff']['score']:.3g}"
           f" score\nbuild a TensorRT engine on a GPU machine: {record['build']}")
+    for version, line in record["trtexec"].items():
+        print(f"  or with trtexec ({version}): {line}")
     return {k: v for k, v in record.items() if k not in ("layers", "qdq")}
 
 

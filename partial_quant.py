@@ -37,7 +37,7 @@ from utils.cli import (
 )
 from utils.data.calibration import calibration_loader, proxy_batches
 from utils.data.coco import CocoDetection
-from utils.deploy.onnx_export import build_hint, export_verified, verification_batch
+from utils.deploy.onnx_export import build_hint, export_verified, trtexec_lines, verification_batch
 from utils.errors import InputError
 from utils.fallback.report import format_summary, summary
 from utils.fallback.rerank import GreedyOrder, search_rerank
@@ -77,9 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "4: calibrates about 4x faster, auto's choice barely changes)")
     cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size")
     cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
-    ev = parser.add_argument_group("evaluation (COCO mAP50:95)")
-    ev.add_argument("--data", required=True, metavar="JSON", help="COCO annotations")
-    ev.add_argument("--images", required=True, metavar="DIR", help="images of --data")
+    ev = parser.add_argument_group("evaluation (COCO mAP50:95; optional with --skip-layers / --quant-boundary)")
+    ev.add_argument("--data", default=None, metavar="JSON",
+                    help="COCO annotations (without them the partial model and its ONNX are written, mAP unmeasured)")
+    ev.add_argument("--images", default=None, metavar="DIR", help="images of --data")
     ev.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="first N images only")
     fb = parser.add_argument_group("float fallback (exactly one of --skip-layers, --quant-boundary, --target-drop)")
     fb.add_argument("--sensitivity-file", default=None, metavar="FILE",
@@ -131,6 +132,15 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if (args.data is None) != (args.images is None):
+        raise InputError("pass --data and --images together (annotations and their image folder)")
+    if args.data is None and args.target_drop is not None:
+        raise InputError("--target-drop measures mAP after every change: pass --data JSON and --images DIR (and "
+                         "--search-data/--search-images to search on other labelled images)")
+    if args.data is None and args.eval_onnx:
+        raise InputError("--eval-onnx measures mAP: pass --data JSON and --images DIR, or drop --eval-onnx")
+    if args.data is None and args.max_images is not None:
+        raise InputError("--max-images limits the evaluation: pass --data JSON and --images DIR, or drop it")
     if args.target_drop is not None and not 0 <= args.target_drop <= 1:
         raise InputError(f"--target-drop must be between 0 and 1 (mAP is a fraction), got {args.target_drop}")
     if args.max_float_layers is not None and args.target_drop is None:
@@ -199,13 +209,31 @@ def rerank_choice(args: argparse.Namespace, model: PartialModel, qmodel: torch.n
 def export_partial(args: argparse.Namespace, qmodel: torch.nn.Module, paths: dict[str, Path]) -> dict[str, Any]:
     """The verified Q/DQ ONNX and its record; returns the report's export fields."""
     batch = args.export_batch_size
-    images = verification_batch(args.images, args.img_size, batch or 2)
+    images = verification_batch(args.images or args.data_root, args.img_size, batch or 2)
     record = export_verified(qmodel, paths["onnx"], images, img_size=args.img_size, batch_size=batch or 1,
                              dynamic_batch=batch is None, fp16_graph=args.fp16_graph)
-    record.update(weights=str(paths["checkpoint"]), build=build_hint(paths["onnx"]))
+    record.update(weights=str(paths["checkpoint"]), build=build_hint(paths["onnx"]),
+                  trtexec=trtexec_lines(paths["onnx"], args.img_size, record["precision"], batch or 1))
     write_json(paths["onnx_record"], record)
     return {"onnx": str(paths["onnx"]), "onnx_max_abs_diff": record["max_abs_diff"]["max"],
-            "onnx_diff": record["max_abs_diff"], "build": record["build"]}
+            "onnx_diff": record["max_abs_diff"], "build": record["build"], "trtexec": record["trtexec"]}
+
+
+def write_unmeasured(args: argparse.Namespace, paths: dict[str, Path], qmodel: torch.nn.Module,
+                     model: PartialModel, calib: dict[str, Any], order: list[str], start: float) -> dict[str, Any]:
+    """No --data: the rule's float set, partial.pt and the verified ONNX, with mAP recorded as not measured."""
+    choice = choose_float_layers(model, order, skip_layers=args.skip_layers, quant_boundary=args.quant_boundary)
+    model.set_float(choice["float_layers"])
+    calibration.save_calibrated(paths["checkpoint"], qmodel,
+                                meta={"weights": str(args.weights), "rule": choice["rule"]})
+    report = summary(None, None, None, model, choice, calib, args_dict(args))
+    report["map_measured"] = False
+    if not args.no_export:
+        report.update(export_partial(args, qmodel, paths))
+    report.update(checkpoint=str(paths["checkpoint"]), seconds=round(time.perf_counter() - start, 2))
+    write_json(paths["report"], report)
+    print(format_summary(report))
+    return {k: v for k, v in report.items() if k not in ("steps", "sharing", "args")}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -214,8 +242,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     paths = output_paths(args)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    report_set = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
-    searching = search_set(args, report_set)
+    report_set = None if args.data is None else \
+        CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
+    searching = None if report_set is None else search_set(args, report_set)
     qmodel, calib = calibrated(args, device)
     model = PartialModel(qmodel)
     order: list[str] = []
@@ -233,6 +262,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             map50[row] = metrics["mAP50"]
         return metrics["mAP50_95"]
 
+    if report_set is None:  # --skip-layers / --quant-boundary need no evaluation
+        return write_unmeasured(args, paths, qmodel, model, calib, order, start)
     fp_map, ptq_map = measure(list(model.layers), report_set, "fp"), measure([], report_set, "ptq")
     _logger.info("FP mAP50:95 %.4f, full PTQ %.4f (drop %.4f)", fp_map, ptq_map, fp_map - ptq_map)
     same = searching is report_set

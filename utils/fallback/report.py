@@ -16,12 +16,15 @@ def format_steps(steps: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summary(fp_map: float, ptq_map: float, partial_map: float, model: PartialModel, choice: dict[str, Any],
-            calibration: dict[str, Any], args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The partial-quantization report (mAP50:95 in PyTorch; fake quantization for PTQ and partial)."""
+def summary(fp_map: float | None, ptq_map: float | None, partial_map: float | None, model: PartialModel,
+            choice: dict[str, Any], calibration: dict[str, Any], args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The partial-quantization report (mAP50:95 in PyTorch; fake quantization for PTQ and partial; None: not
+    measured, when no evaluation set was given)."""
     int8, total = model.counts()
-    return {"fp_map": fp_map, "ptq_map": ptq_map, "partial_map": partial_map, "ptq_drop": fp_map - ptq_map,
-            "partial_drop": fp_map - partial_map, "int8_layers": int8, "total_layers": total,
+    measured = None not in (fp_map, ptq_map, partial_map)
+    return {"fp_map": fp_map, "ptq_map": ptq_map, "partial_map": partial_map,
+            "ptq_drop": fp_map - ptq_map if measured else None,
+            "partial_drop": fp_map - partial_map if measured else None, "int8_layers": int8, "total_layers": total,
             "float_layers": list(model.float_set), "rule": choice["rule"], "steps": choice.get("steps", []),
             "sharing": model.sharing, "calibration": calibration, "args": args or {}}
 
@@ -37,10 +40,14 @@ def format_summary(report: dict[str, Any]) -> str:
         lines += [f"search steps (mAP50:95 on {where})", format_steps(report["steps"]), ""]
     if search and search["same_as_report"]:
         lines.append("note: the search measured on the report set, so the partial mAP below is optimistic")
-    lines += [f"{'model':<26} {'mAP50:95':>9} {'drop':>8}",
-              f"{'float (PyTorch)':<26} {fp:>9.4f} {0:>8.4f}",
-              f"{'full PTQ (fake-quant)':<26} {report['ptq_map']:>9.4f} {fp - report['ptq_map']:>8.4f}",
-              f"{'partial (fake-quant)':<26} {report['partial_map']:>9.4f} {fp - report['partial_map']:>8.4f}"]
+    if fp is None:
+        lines.append(f"mAP not measured (no --data/--images): python eval_coco.py --weights {report['checkpoint']} "
+                     "--data <annotations.json> --images <folder> measures the partial model")
+    else:
+        lines += [f"{'model':<26} {'mAP50:95':>9} {'drop':>8}",
+                  f"{'float (PyTorch)':<26} {fp:>9.4f} {0:>8.4f}",
+                  f"{'full PTQ (fake-quant)':<26} {report['ptq_map']:>9.4f} {fp - report['ptq_map']:>8.4f}",
+                  f"{'partial (fake-quant)':<26} {report['partial_map']:>9.4f} {fp - report['partial_map']:>8.4f}"]
     if "onnx_map" in report:
         lines.append(f"{'partial Q/DQ ONNX (ORT)':<26} {report['onnx_map']:>9.4f} {fp - report['onnx_map']:>8.4f}")
     lines.append(f"INT8 layers {report['int8_layers']}/{report['total_layers']} ({report['rule']}); float: "
@@ -48,4 +55,6 @@ def format_summary(report: dict[str, Any]) -> str:
     if "onnx" in report:
         lines.append(f"ONNX: {report['onnx']} (max |ORT - PyTorch| {report['onnx_max_abs_diff']:.3g})")
         lines.append(f"build the TensorRT engine on a GPU machine: {report['build']}")
+        for version, line in report.get("trtexec", {}).items():
+            lines.append(f"  or with trtexec ({version}): {line}")
     return "\n".join(lines)
