@@ -55,8 +55,11 @@ class InertValue(InertRecord):
 
 
 _RECORD_CLASSES: dict[str, type[InertRecord]] = {}
-_RECORD_PREFIXES = ("yolov6.", "torch.nn.modules.")
-_INERT_CALLS = {"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype", "_codecs.encode"}
+# pytorch_quantization: the seed's calibration files pickle its quantized modules, quantizers and calibrators
+_RECORD_PREFIXES = ("yolov6.", "torch.nn.modules.", "pytorch_quantization.")
+# numpy arrays (a histogram calibrator's bins) are kept as inert values: their data is never needed
+_INERT_CALLS = {"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype", "_codecs.encode",
+                "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray"}
 _TORCH_CALLS = {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"}
 _SAFE_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict, ("builtins", "set"): set,
                  ("builtins", "frozenset"): frozenset, ("torch", "Size"): torch.Size}
@@ -321,6 +324,17 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return _fused_checkpoint(path, obj)
     raise InputError(f"{path} is a PyTorch file but not a YOLOv6 checkpoint: it holds {_describe_unknown(obj)}; "
                      "expected a YOLOv6 release .pt (with a 'model' entry) or a checkpoint written by this toolkit")
+
+
+def read_pickled_model_state(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The state_dict of the whole model pickled in a YOLOv6-style file (``{"model": <module>}``, as YOLOv6's
+    release files and its partial-quantization calibration files hold), read safely; None for any other file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} not found")
+    obj = _restricted_load(path)
+    record = (obj.get("ema") or obj.get("model")) if isinstance(obj, dict) else None
+    return dict(record_state_dict(record)) if isinstance(record, InertRecord) else None
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, deployed: bool = False,

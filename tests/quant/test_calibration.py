@@ -2,7 +2,10 @@
 deterministic, dead channels stay finite, and calibrated models round-trip through our checkpoint format."""
 from __future__ import annotations
 
+import copy
 import logging
+import sys
+import types
 
 import cv2
 import numpy as np
@@ -223,3 +226,53 @@ def test_load_calibrated_rejects_other_files(yolov6n, tmp_path):
         calibration.load_calibrated(tmp_path / "missing.pt")
     with pytest.raises(InputError, match="calibrate the model"):
         calibration.save_calibrated(tmp_path / "x.pt", quant.quantize_model(yolov6n))
+
+
+# ------------------------------------------------------------------------------------ YOLOv6's calibration files
+def _as_yolov6_calibration(qmodel: nn.Module, path, monkeypatch) -> None:
+    """Write ``qmodel`` the way YOLOv6's partial-quantization tools save a calibration (``torch.save({'model':
+    model_ptq})``): the whole model pickled, its own classes under ``yolov6.*``, pytorch-quantization's quantized
+    modules, quantizers and histogram calibrators (numpy bins) as they are."""
+    fake = types.ModuleType("yolov6.models.yolo")
+    for name in ("yolov6", "yolov6.models", "yolov6.models.yolo"):
+        monkeypatch.setitem(sys.modules, name, fake if name == "yolov6.models.yolo" else types.ModuleType(name))
+    model = copy.deepcopy(qmodel)
+    renamed: dict[type, type] = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls.__module__.startswith(("torch.", "pytorch_quantization.")):
+            continue
+        if cls not in renamed:
+            name = f"{cls.__name__}{len(renamed)}"
+            renamed[cls] = type(name, (cls,), {"__module__": "yolov6.models.yolo", "__qualname__": name})
+            setattr(fake, name, renamed[cls])
+        module.__class__ = renamed[cls]
+    for layer in quant.quant_layers(model).values():  # histograms left in the calibrators, as YOLOv6 leaves them
+        calibrator = layer.input_quantizer._calibrator
+        calibrator._calib_hist, calibrator._calib_bin_edges = np.arange(8.0), np.linspace(0, 1, 9)
+    torch.save({"model": model}, path)
+
+
+def test_yolov6_calibration_files_give_their_input_amax(yolov6n, reopt, tmp_path, monkeypatch, capsys):
+    """The seed's --calib-weights file: read without running its code; its input amax, weight amax from the
+    weights (YOLOv6 calibrates weights by per-channel max too); another model's file is refused."""
+    calibrated = quant.quantize_model(yolov6n, calib_method="entropy")
+    calibration.calibrate(calibrated, [images(2, seed=5)], num_batches=1, method="percentile")
+    path = tmp_path / "yolov6n_calib.pt"
+    _as_yolov6_calibration(calibrated, path, monkeypatch)
+    monkeypatch.delitem(sys.modules, "yolov6.models.yolo")  # reading it must not need YOLOv6's code
+    fresh, record = calibration.calibrated_model(yolov6n, calib_weights=path)
+    expected, got = calibration.quantizer_state(calibrated), calibration.quantizer_state(fresh)
+    assert got.keys() == expected.keys()
+    for name, amax in expected.items():
+        assert torch.equal(got[name].reshape(amax.shape), amax), name
+    assert record["method"] == "yolov6-calib" and record["source"] == str(path)
+    with torch.no_grad():
+        x = images(1, seed=6)
+        assert torch.equal(fresh(x), calibrated(x))
+    with pytest.raises(InputError, match="calibrated for another model"):
+        calibration.calibrated_model(reopt, calib_weights=path)
+    with pytest.raises(InputError, match="without quantizer amax"):
+        floats = tmp_path / "float_pickle.pt"
+        _as_yolov6_calibration(yolov6n, floats, monkeypatch)
+        calibration.calibrated_model(yolov6n, calib_weights=floats)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models import Checkpoint, model_from_checkpoint, save_checkpoint
-from models.checkpoint import FORMAT
+from models.checkpoint import FORMAT, read_pickled_model_state
 from utils.errors import InputError
 from utils.quant.amax_choice import candidate_amax, choose_amax, tracking_max
 from utils.quant.compat import TensorQuantizer, calib, device_safe, quiet_library_logs
@@ -372,6 +372,37 @@ def load_quantizers(model: nn.Module, source: str | Path | Mapping[str, torch.Te
     return model
 
 
+def seed_calibration_state(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The quantizer state of ``model`` from a calibration file of YOLOv6's partial-quantization tools (its
+    sensitivity_analyse.py / ptq.py: ``{"model": <whole quantized model>}``, pytorch-quantization modules with
+    ``_amax`` buffers), read without executing code. Input amax come from the file; weight amax are this model's
+    per-channel max |w| (how YOLOv6 calibrates weights too). None when the file is not of that kind.
+
+    Raises:
+        InputError: it is, but its quantized layers are not this model's.
+    """
+    state = read_pickled_model_state(path)
+    if state is None:
+        return None
+    found = {k[:-len("._amax")]: v for k, v in state.items() if k.endswith("._amax")}
+    if not found:
+        raise InputError(f"{path} holds a pickled model without quantizer amax: pass a calibration file (YOLOv6's "
+                         "*_calib.pt or our calibrated.pt), not the float weights")
+    layers = quant_layers(model)
+    missing = [name for name in layers if f"{name}._input_quantizer" not in found]
+    if missing:
+        raise InputError(f"{path} was calibrated for another model: {len(missing)} of this model's {len(layers)} "
+                         f"quantized layers have no amax there (e.g. {missing[:2]}); pass the calibration made "
+                         "for these --weights")
+    out = {}
+    for name, layer in layers.items():
+        amax = found[f"{name}._input_quantizer"].float().reshape(())
+        out[f"{name}._input_quantizer"], _ = _replace_dead(amax)
+        if getattr(layer, "weight_quantizer", None) is not None:
+            out[f"{name}._weight_quantizer"], _ = _replace_dead(_weight_amax(layer))
+    return out
+
+
 def load_calibrated(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The quantized, calibrated deployed model a ``save_calibrated`` file describes (eval mode, on ``device``)."""
     raw = _read_calibrated(path)
@@ -420,6 +451,14 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
     if calib_method is not None and calib_method not in METHODS:
         raise InputError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(METHODS)}")
     qmodel = quantize_model(model, calib_method=calib_method or "max", num_bits=num_bits)
+    seed_state = None if calib_weights is None or is_calibrated_file(calib_weights) else \
+        seed_calibration_state(qmodel, calib_weights)
+    if seed_state is not None:
+        load_quantizers(qmodel, seed_state)
+        qmodel.quant_calib = {"method": "yolov6-calib", "source": str(calib_weights)}
+        _logger.info("%s: input amax of YOLOv6's calibration file, weight amax from the weights", calib_weights)
+        record = {"method": "yolov6-calib", "source": str(calib_weights), "amax_sha256": amax_sha256(qmodel)}
+        return qmodel.to(torch.device(device)).eval(), record
     if calib_weights is not None:
         load_quantizers(qmodel, calib_weights)
         info = dict(load_calibrated(calib_weights).quant_calib)
