@@ -207,7 +207,11 @@ def read_ranking(path: str | Path) -> list[str]:
     if path.suffix.lower() == ".json":
         order = _ranking_from_json(path)
     else:
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"sensitivity file {path} is not text (a binary file?): pass the .txt or .json ranking "
+                             "sensitivity_analyse.py wrote") from None
         rows, metric = parse_sensitivity(text, str(path))
         method = _metric_method(metric, str(path))
         column = COLUMNS[method].index(metric) + 1
