@@ -22,7 +22,7 @@ from utils.cli import (
 from utils.data.coco import CocoDetection
 from utils.errors import InputError
 from utils.inference.evaluate import evaluate
-from utils.inference.runners import ENGINE_SUFFIXES, create_runner
+from utils.inference.runners import ENGINE_SUFFIXES, ORT_LEVELS, create_runner
 
 _logger = logging.getLogger("eval_coco")
 DEFAULT_IMG_SIZE = 640
@@ -35,6 +35,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="YOLOv6 release .pt, a checkpoint of this toolkit, an .onnx model, or a TensorRT "
                             ".engine/.trt/.plan (needs --device cuda:N and requirements-trt.txt)")
     add_device_argument(model)
+    model.add_argument("--ort-optimization", choices=ORT_LEVELS, default="all",
+                       help="ONNX models: ONNX Runtime's graph optimisation (basic: Q/DQ run as the graph says, "
+                            "which matches PyTorch's fake quantization; all: ORT's default, which moves Q/DQ pairs "
+                            "and fuses activations)")
     model.add_argument("--half", action="store_true", help="run a PyTorch model in FP16 (CUDA only; an engine "
                        "runs in the precision it was built with)")
     data = parser.add_argument_group("data")
@@ -76,7 +80,8 @@ def choose_img_size(requested: int | None, fixed_hw: tuple[int, int] | None) -> 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     # an engine checks its device itself: it needs CUDA, where resolve_device's advice would be --device cpu
     engine = Path(args.weights).suffix.lower() in ENGINE_SUFFIXES
-    runner = create_runner(args.weights, args.device if engine else resolve_device(args.device), args.half)
+    runner = create_runner(args.weights, args.device if engine else resolve_device(args.device), args.half,
+                           args.ort_optimization)
     size = choose_img_size(args.img_size, runner.input_hw)
     dataset = CocoDetection(args.data, args.images, img_size=size, max_images=args.max_images)
     _logger.info("evaluating %s [%s] on %d images at %d px", args.weights, runner.name, len(dataset), size)

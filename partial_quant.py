@@ -112,7 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-export", action="store_true", help="stop after partial.pt")
     ex.add_argument("--fp16-graph", action="store_true", help="float regions typed FP16 (TensorRT --stronglyTyped)")
     ex.add_argument("--eval-onnx", action="store_true",
-                    help="also measure the ONNX's mAP on ONNX Runtime (slow on CPU: Q/DQ runs emulated)")
+                    help="also measure the ONNX's mAP on ONNX Runtime, Q/DQ run as the graph says (basic "
+                         "optimisation; slow on CPU: Q/DQ runs emulated)")
     parser.add_argument("--output-dir", default=None, metavar="DIR", help="default: runs/partial/<weights stem>")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -292,8 +293,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_export:
         report.update(export_partial(args, qmodel, paths))
         if args.eval_onnx:
-            metrics = evaluate(OnnxRuntimeRunner(paths["onnx"]), report_set, args.batch_size, args.workers,
-                               progress=not args.no_progress)
+            metrics = evaluate(OnnxRuntimeRunner(paths["onnx"], optimization="basic"), report_set, args.batch_size,
+                               args.workers, progress=not args.no_progress)
             report["onnx_map"], map50["onnx"] = metrics["mAP50_95"], metrics["mAP50"]
     report["map50"] = map50
     report.update(checkpoint=str(paths["checkpoint"]), seconds=round(time.perf_counter() - start, 2))

@@ -63,3 +63,23 @@ def test_the_export_carries_the_class_names_for_evaluation(tmp_path):
     model.config = {k: v for k, v in model.config.items() if k != "names"}
     export_verified(model, tmp_path / "unnamed.onnx", images(1, seed=3), img_size=64)
     assert OnnxRuntimeRunner(tmp_path / "unnamed.onnx").class_names is None
+
+
+def test_the_basic_level_runs_qdq_like_pytorch(calibrated, tmp_path):
+    """The export's check and the Q/DQ evaluations run ONNX Runtime at its basic level (see ORT_LEVELS): it agrees
+    with PyTorch's fake quantization; an unknown level is refused."""
+    from utils.deploy.onnx_export import export_verified
+    from utils.errors import InputError
+    from utils.inference.runners import OnnxRuntimeRunner
+
+    path = tmp_path / "qdq.onnx"
+    export_verified(calibrated, path, images(1, seed=4), img_size=64)
+    runner = OnnxRuntimeRunner(path, optimization="basic")
+    assert runner.session.get_session_options().graph_optimization_level == \
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    x = images(2, seed=8)
+    with torch.no_grad(), quant.fb_fake_quant():
+        expected = calibrated(x)
+    assert (runner(x) - expected).abs().max().item() <= 1e-2  # px on 64 px inputs: rounding of single levels
+    with pytest.raises(InputError, match="optimisation level"):
+        OnnxRuntimeRunner(path, optimization="extended")

@@ -70,7 +70,7 @@ def onnx_output_diff(onnx_path: str | Path, model: torch.nn.Module, images: torc
     from utils.inference.runners import OnnxRuntimeRunner
 
     expected = model.eval()(images.to(next(model.parameters()).device)).float().cpu()
-    actual = OnnxRuntimeRunner(onnx_path)(images)
+    actual = OnnxRuntimeRunner(onnx_path, optimization="basic")(images)  # the graph as exported, see ORT_LEVELS
     if actual.shape != expected.shape:
         raise InputError(f"{onnx_path}: output shape {tuple(actual.shape)} differs from PyTorch's "
                          f"{tuple(expected.shape)}; re-export the model")
