@@ -121,7 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="train images every proxy compares outputs on")
     run.add_argument("--qat-epochs", type=positive_int, default=5, metavar="N", help="fine-tuning epochs")
     run.add_argument("--qat-lr", type=float, default=1e-4, metavar="LR", help="fine-tuning learning rate (AdamW)")
-    run.add_argument("--qat-learn-amax", action="store_true", help="fine-tuning also learns the input amax")
+    run.add_argument("--qat-learn-amax", action=argparse.BooleanOptionalAction, default=True,
+                     help="fine-tuning also learns the input amax")
     run.add_argument("--no-qat", action="store_true", help="skip the fine-tuning rows")
     run.add_argument("--no-proxy-quality", action="store_true",
                      help="skip the proxy-vs-map tables (the map ranking in the revert direction takes ~30 min)")

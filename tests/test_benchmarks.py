@@ -81,9 +81,10 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
     ours = "ours (percentile-99.99, re-ranked by sqnr, drop 1.0)"
     assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", ours, "seed partial (max, drop 1.0)",
                           "seed ranking, 0 most sensitive float", "seed partial Q/DQ ONNX (ORT)",
-                          "ours Q/DQ ONNX (ORT)", "QAT full INT8 (1 epoch)", "QAT full INT8 (1 epoch) Q/DQ ONNX (ORT)",
-                          "QAT ours (1 epoch)", "QAT ours (1 epoch) Q/DQ ONNX (ORT)"]
-    qat = rows["QAT full INT8 (1 epoch)"]
+                          "ours Q/DQ ONNX (ORT)", "QAT full INT8 (1 epoch, learned amax)",
+                          "QAT full INT8 (1 epoch, learned amax) Q/DQ ONNX (ORT)", "QAT ours (1 epoch, learned amax)",
+                          "QAT ours (1 epoch, learned amax) Q/DQ ONNX (ORT)"]
+    qat = rows["QAT full INT8 (1 epoch, learned amax)"]
     assert qat["int8_layers"] == qat["total_layers"] and qat["loss_after"] < qat["loss_before"]
     partial = rows["seed partial (max, drop 1.0)"]
     assert partial["int8_layers"] == partial["total_layers"] and partial["mAP50_95"] == rows["int8 max"]["mAP50_95"]
