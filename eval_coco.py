@@ -36,9 +36,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             ".engine/.trt/.plan (needs --device cuda:N and requirements-trt.txt)")
     add_device_argument(model)
     model.add_argument("--ort-optimization", choices=ORT_LEVELS, default="all",
-                       help="ONNX models: ONNX Runtime's graph optimisation (basic: Q/DQ run as the graph says, "
-                            "which matches PyTorch's fake quantization; all: ORT's default, which moves Q/DQ pairs "
-                            "and fuses activations)")
+                       help="ONNX models: ONNX Runtime's graph optimisation (basic: Q/DQ run where the export put "
+                            "them; all: ORT's default, which removes or moves some Q/DQ pairs and fuses activations "
+                            "into convolutions, another INT8 rounding)")
     model.add_argument("--half", action="store_true", help="run a PyTorch model in FP16 (CUDA only; an engine "
                        "runs in the precision it was built with)")
     data = parser.add_argument_group("data")
