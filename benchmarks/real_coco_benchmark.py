@@ -119,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--rerank-pool", type=positive_int, default=24, metavar="N", help="see partial_quant.py")
     run.add_argument("--proxy-images", type=positive_int, default=32, metavar="N",
                      help="train images every proxy compares outputs on")
-    run.add_argument("--qat-epochs", type=positive_int, default=5, metavar="N", help="fine-tuning epochs")
+    run.add_argument("--qat-epochs", type=positive_int, default=20, metavar="N", help="fine-tuning epochs")
     run.add_argument("--qat-lr", type=float, default=1e-4, metavar="LR", help="fine-tuning learning rate (AdamW)")
     run.add_argument("--qat-learn-amax", action=argparse.BooleanOptionalAction, default=True,
                      help="fine-tuning also learns the input amax")
