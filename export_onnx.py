@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                              tolerances=tolerances(args, record_precision(model)),
                              fp16_graph=args.fp16_graph, end2end=end2end)
     record.update(weights=str(args.weights), build=build_hint(output),
-                  trtexec=trtexec_lines(output, args.img_size, record["precision"]))
+                  trtexec=trtexec_lines(output, record))
     write_json(record_path, record)
     print(f"{output}: {record['precision']}, {record['int8_layers']}/{record['total_layers']} layers INT8, "
           f"max |ONNX Runtime - PyTorch| {record['max_abs_diff']['box']:.3g} px / {record['max_abs_diff']['score']:.3g}"

@@ -214,7 +214,7 @@ def export_partial(args: argparse.Namespace, qmodel: torch.nn.Module, paths: dic
     record = export_verified(qmodel, paths["onnx"], images, img_size=args.img_size, batch_size=batch or 1,
                              dynamic_batch=batch is None, fp16_graph=args.fp16_graph)
     record.update(weights=str(paths["checkpoint"]), build=build_hint(paths["onnx"]),
-                  trtexec=trtexec_lines(paths["onnx"], args.img_size, record["precision"], batch or 1))
+                  trtexec=trtexec_lines(paths["onnx"], record))
     write_json(paths["onnx_record"], record)
     return {"onnx": str(paths["onnx"]), "onnx_max_abs_diff": record["max_abs_diff"]["max"],
             "onnx_diff": record["max_abs_diff"], "build": record["build"], "trtexec": record["trtexec"]}

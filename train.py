@@ -204,8 +204,8 @@ def fine_tune(args: argparse.Namespace) -> dict[str, Any]:
     if before and val_set is not None:
         before.update(float=_map(trainer.evaluate(trainer.teacher)), start=_map(trainer.evaluate(trainer.student)))
     history = trainer.fit()
-    path = trainer.save(outputs["qat.pt"], meta={"weights": str(args.weights)})
     final = trainer.final_model()
+    path = trainer.save(outputs["qat.pt"], final, meta={"weights": str(args.weights)})
     after = {"loss": trainer.distillation_loss(final)}
     if val_set is not None:
         after["map"] = _map(trainer.evaluate(final))

@@ -93,14 +93,14 @@ def run_device(args: argparse.Namespace, device_name: str, folder: Path) -> dict
     order = [row["name"] for row in sorted(report["layers"], key=lambda r: r["rank"])]
     val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
     maps, eval_s = {}, {}
-    for name, model in (("float", load_model(args.weights, device=device)),
-                        ("int8", calibration.load_calibrated(folder / "calibrated.pt", device))):
+    calibrated = calibration.load_calibrated(folder / "calibrated.pt", device)
+    for name, model in (("float", load_model(args.weights, device=device)), ("int8", calibrated)):
         start = time.perf_counter()
         maps[name] = float(evaluate(TorchRunner(model, device), val, args.batch_size, args.workers,
                                     progress=not args.no_progress)["mAP50_95"])
         _sync(device)
         eval_s[name] = round(time.perf_counter() - start, 2)
-    amax = calibration.quantizer_state(calibration.load_calibrated(folder / "calibrated.pt"))
+    amax = calibration.quantizer_state(calibrated)  # FP32 on the CPU
     return {"device": device_name, "order": order, "maps": maps, "amax": amax,
             "seconds": {"calibration_and_ranking": round(rank_s, 2), **{f"eval_{k}": v for k, v in eval_s.items()}}}
 

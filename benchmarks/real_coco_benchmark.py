@@ -33,6 +33,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,29 +227,37 @@ def rank(args: argparse.Namespace, out: Path, method: str = "map", direction: st
     return report
 
 
-def run_partial(folder: Path, argv: list[str]) -> dict[str, Any]:
-    """partial_quant.py with ``argv`` into ``folder`` (its partial_quant.json); a finished run with the same
-    arguments is reused (a search can take most of an hour)."""
-    record, report = folder / "benchmark_argv.json", folder / "partial_quant.json"
-    argv = [*argv, "--output-dir", str(folder), "--overwrite", "--no-export"]  # exported by partial_onnx_row
-    if record.is_file() and report.is_file() and json.loads(record.read_text()) == argv and \
-            _same_calibration(json.loads(report.read_text()), argv):
-        _logger.info("reusing %s (same arguments)", report)
-    else:
-        partial_quant.main(partial_quant.get_args_parser().parse_args(argv))
-        write_json(record, argv)
+def _amax_hash(calibrated: str | Path) -> str | None:
+    """The amax hash of a calibrated checkpoint (None when it cannot be read)."""
+    try:
+        return calibration.amax_sha256(calibration.load_calibrated(calibrated))
+    except (OSError, InputError):
+        return None
+
+
+def _run_or_reuse(folder: Path, argv: list[str], report_name: str, calibrated: str | Path,
+                  recorded_hash: Callable[[dict[str, Any]], str | None],
+                  run: Callable[[list[str]], Any]) -> dict[str, Any]:
+    """``run(argv)`` into ``folder`` and its JSON report ``report_name``, unless a finished run had the same
+    arguments and the amax it started from (``recorded_hash`` of its report) are still those of ``calibrated`` (a
+    recalibration rewrites the file under the same name); a search or fine-tuning can take most of an hour."""
+    record, report = folder / "benchmark_argv.json", folder / report_name
+    if record.is_file() and report.is_file() and json.loads(record.read_text()) == argv:
+        now = _amax_hash(calibrated)
+        if now is not None and recorded_hash(json.loads(report.read_text())) == now:
+            _logger.info("reusing %s (same arguments)", report)
+            return json.loads(report.read_text())
+    run(argv)
+    write_json(record, argv)
     return json.loads(report.read_text())
 
 
-def _same_calibration(report: dict[str, Any], argv: list[str]) -> bool:
-    """Whether a finished partial run used the amax now in its --calib-weights file (a recalibration rewrites the
-    file under the same name)."""
-    calib_weights = argv[argv.index("--calib-weights") + 1]
-    try:
-        now = calibration.amax_sha256(calibration.load_calibrated(calib_weights))
-    except (OSError, InputError):
-        return False
-    return report.get("calibration", {}).get("amax_sha256") == now
+def run_partial(folder: Path, argv: list[str]) -> dict[str, Any]:
+    """partial_quant.py with ``argv`` into ``folder`` (its partial_quant.json), or its finished run reused."""
+    argv = [*argv, "--output-dir", str(folder), "--overwrite", "--no-export"]  # exported by partial_onnx_row
+    return _run_or_reuse(folder, argv, "partial_quant.json", argv[argv.index("--calib-weights") + 1],
+                         lambda report: report.get("calibration", {}).get("amax_sha256"),
+                         lambda a: partial_quant.main(partial_quant.get_args_parser().parse_args(a)))
 
 
 def _search_sets(args: argparse.Namespace) -> list[str]:
@@ -279,7 +288,7 @@ def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection,
                minus_pytorch=round(float(metrics["mAP50_95"]) - partial["partial_map"], 4),
                seconds=round(time.perf_counter() - start, 1))
     kernels = evaluate(OnnxRuntimeRunner(path, optimization="all"), val, args.batch_size, args.workers,
-                       progress=not args.no_progress)  # ORT's own int8 kernels: another rounding, for comparison
+                       progress=not args.no_progress)  # ORT's default level: another rounding, for comparison
     row.update(ort_int8_kernels_mAP50_95=round(float(kernels["mAP50_95"]), 4),
                ort_int8_kernels_minus_pytorch=round(float(kernels["mAP50_95"]) - partial["partial_map"], 4))
     return row
@@ -345,15 +354,8 @@ def run_qat(args: argparse.Namespace, folder: Path, weights: Path) -> dict[str, 
             "--workers", str(args.workers), "--device", args.device, "--epochs", str(args.qat_epochs), "--lr0",
             str(args.qat_lr), "--output-dir", str(folder), "--overwrite", "--eval-interval", str(args.qat_epochs)]
     argv += (["--learn-amax"] if args.qat_learn_amax else []) + (["--no-progress"] if args.no_progress else [])
-    record, report = folder / "benchmark_argv.json", folder / "qat.json"
-    if record.is_file() and report.is_file() and json.loads(record.read_text()) == argv and \
-            json.loads(report.read_text()).get("from_amax_sha256") == \
-            calibration.amax_sha256(calibration.load_calibrated(weights)):
-        _logger.info("reusing %s (same arguments)", report)
-    else:
-        train.main(train.get_args_parser().parse_args(argv))
-        write_json(record, argv)
-    return json.loads(report.read_text())
+    return _run_or_reuse(folder, argv, "qat.json", weights, lambda report: report.get("from_amax_sha256"),
+                         lambda a: train.main(train.get_args_parser().parse_args(a)))
 
 
 def qat_rows(args: argparse.Namespace, out: Path, val: CocoDetection, our_partial: dict[str, Any]) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from utils.data.coco import ImageFolderDataset, create_dataloader
+from utils.data.coco import ImageFolderDataset, create_dataloader, readable_images
 from utils.errors import InputError
 from utils.fileio import file_sha256
 
@@ -33,7 +33,7 @@ def proxy_batches(data_root: str | Path, img_size: int, num_images: int, batch_s
     dataset = ImageFolderDataset(data_root, img_size=img_size, max_images=num_images)
     batches = []
     for batch in create_dataloader(dataset, batch_size, workers=workers):
-        images = batch["image"][torch.as_tensor(batch["ok"], dtype=torch.bool)]
+        images = readable_images(batch)
         if len(images):
             batches.append(images)
     if not batches:

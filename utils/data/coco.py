@@ -319,6 +319,15 @@ class ImageFolderDataset(Dataset):
         return item
 
 
+def readable_images(batch: dict[str, Any] | torch.Tensor) -> torch.Tensor:
+    """The readable images of a batch: a collate_detection dict (items with ok=False left out) or a tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    images = batch["image"]
+    ok = batch.get("ok")
+    return images if ok is None else images[torch.as_tensor(ok, dtype=torch.bool)]
+
+
 def collate_detection(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Batch items: 'image' -> [B,3,S,S], 'targets' -> [M,6] (batch_index, class, x1, y1, x2, y2), rest -> lists."""
     out: dict[str, Any] = {key: [item[key] for item in batch] for key in batch[0] if key not in ("image", "targets")}

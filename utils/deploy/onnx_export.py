@@ -236,24 +236,18 @@ def build_hint(onnx_path: str | Path) -> str:
     return f"./build_engine.sh {onnx_path}"
 
 
-def trtexec_lines(onnx_path: str | Path, img_size: int, precision: str, batch: int = 1,
-                  workspace_mib: int = 4096) -> dict[str, str]:
-    """Ready-to-paste trtexec commands for ``onnx_path``, as build_engine.sh would run them (without its reports):
-    TensorRT 8.4+ and 10 take the precisions as flags (``--int8 --fp16`` for Q/DQ; ``--workspace`` is gone in 10,
-    ``--memPoolSize`` replaces it); TensorRT 11 builds strongly typed (precisions from the ONNX itself). A dynamic
-    batch gets one optimisation profile at ``batch``."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    dims = graph.input[0].type.tensor_type.shape.dim
-    dynamic = not dims[0].HasField("dim_value")
-    h = dims[2].dim_value or img_size
-    w = dims[3].dim_value or img_size
+def trtexec_lines(onnx_path: str | Path, record: dict[str, Any], workspace_mib: int = 4096) -> dict[str, str]:
+    """Ready-to-paste trtexec commands for the ONNX that ``export_verified`` wrote with ``record``, as
+    build_engine.sh would run them (without its reports): TensorRT 8.4+ and 10 take the precisions as flags
+    (``--int8 --fp16`` for Q/DQ; ``--workspace`` is gone in 10, ``--memPoolSize`` replaces it); TensorRT 11 builds
+    strongly typed (precisions from the ONNX itself). A dynamic batch gets one optimisation profile at batch 1."""
     engine = Path(onnx_path).with_suffix(".engine")
     common = f"trtexec --onnx={onnx_path} --saveEngine={engine}"
-    if dynamic:
-        spec = f"{graph.input[0].name}:{batch}x3x{h}x{w}"
+    if record["batch"] == "dynamic":
+        size = record["img_size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        spec = f"{INPUT_NAME}:1x3x{h}x{w}"
         common += f" --minShapes={spec} --optShapes={spec} --maxShapes={spec}"
-    flags = "--int8 --fp16" if precision == "qdq" else "--fp16"
+    flags = "--int8 --fp16" if record["precision"] == "qdq" else "--fp16"
     return {"TensorRT 8.4-10": f"{common} {flags} --memPoolSize=workspace:{workspace_mib}",
             "TensorRT 11": f"{common} --stronglyTyped --memPoolSize=workspace:{workspace_mib}"}

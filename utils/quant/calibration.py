@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from models import Checkpoint, model_from_checkpoint, save_checkpoint
 from models.checkpoint import FORMAT, read_pickled_model_state
+from utils.data.coco import readable_images
 from utils.errors import InputError
 from utils.quant.amax_choice import candidate_amax, choose_amax, tracking_max
 from utils.quant.compat import TensorQuantizer, calib, device_safe, quiet_library_logs
@@ -98,15 +99,6 @@ def _collecting(layers: dict[str, nn.Module], method: str) -> Iterator[None]:
                 layer.input_quantizer.enable_quant()
 
 
-def _batch_images(batch: Any) -> torch.Tensor:
-    """The readable images of a batch: a collate_detection dict (items with ok=False left out) or a tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    images = batch["image"]
-    ok = batch.get("ok")
-    return images if ok is None else images[torch.as_tensor(ok, dtype=torch.bool)]
-
-
 @torch.no_grad()
 def _feed(model: nn.Module, loader: Iterable[Any], num_batches: int, device: torch.device,
           keep: int = 0) -> tuple[int, int, list[torch.Tensor]]:
@@ -116,7 +108,7 @@ def _feed(model: nn.Module, loader: Iterable[Any], num_batches: int, device: tor
     kept: list[torch.Tensor] = []
     for batch in tqdm(itertools.islice(loader, num_batches), total=num_batches, desc="calibrate", unit="batch",
                       file=sys.stderr, leave=False):
-        x = _batch_images(batch)
+        x = readable_images(batch)
         batches += 1
         if len(x):
             x = x.to(device)
@@ -351,13 +343,14 @@ def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
                          "weights the calibration was made for")
 
 
-def load_quantizers(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> nn.Module:
-    """Load amax (a calibrated checkpoint or a ``quantizer_state`` dict) into the quantized ``model`` (in place).
+def load_quantizers(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
+                    what: str = "the quantizer state") -> nn.Module:
+    """Load amax (a calibrated checkpoint or a ``quantizer_state`` dict, named ``what`` in errors) into the
+    quantized ``model`` (in place).
 
     Raises:
         InputError: the state belongs to another model (other layers, shapes or weights).
     """
-    what = "the quantizer state"
     if not isinstance(source, Mapping):
         raw = _read_calibrated(source)
         what, source = f"{source} (config {raw['config'].get('name', '?')!r})", raw["quantizers"]
@@ -370,6 +363,9 @@ def load_quantizers(model: nn.Module, source: str | Path | Mapping[str, torch.Te
     with device_safe(device), quiet_library_logs():
         model.load_state_dict({f"{name}._amax": t for name, t in source.items()}, strict=False)
     return model
+
+
+SEED_CALIBRATION = "yolov6-calib"  # the method recorded for amax read from YOLOv6's own calibration file
 
 
 def seed_calibration_state(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor] | None:
@@ -437,6 +433,23 @@ def _auto_record(auto: dict[str, Any]) -> dict[str, Any]:
     return {k: auto[k] for k in ("selected", "scores", "counts") if k in auto}
 
 
+def _load_calibration_file(qmodel: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load the amax of ``path`` (our calibrated checkpoint, or YOLOv6's calibration file) into ``qmodel``, reading
+    the file once; returns its calibration settings."""
+    try:
+        raw = _read_calibrated(path)
+    except InputError:
+        seed_state = seed_calibration_state(qmodel, path)
+        if seed_state is None:
+            raise
+        load_quantizers(qmodel, seed_state)
+        qmodel.quant_calib = {"method": SEED_CALIBRATION, "source": str(path)}
+        _logger.info("%s: input amax of YOLOv6's calibration file, weight amax from the weights", path)
+        return dict(qmodel.quant_calib)
+    load_quantizers(qmodel, raw["quantizers"], f"{path} (config {raw['config'].get('name', '?')!r})")
+    return dict(raw.get("calib") or {})
+
+
 def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = None, loader: Any = None,
                      batch_number: int = 1, calib_method: str | None = None, percentile: float = 99.99,
                      device: str | torch.device = "cpu", num_bits: int = 8,
@@ -451,18 +464,9 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
     if calib_method is not None and calib_method not in METHODS:
         raise InputError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(METHODS)}")
     qmodel = quantize_model(model, calib_method=calib_method or "max", num_bits=num_bits)
-    seed_state = None if calib_weights is None or is_calibrated_file(calib_weights) else \
-        seed_calibration_state(qmodel, calib_weights)
-    if seed_state is not None:
-        load_quantizers(qmodel, seed_state)
-        qmodel.quant_calib = {"method": "yolov6-calib", "source": str(calib_weights)}
-        _logger.info("%s: input amax of YOLOv6's calibration file, weight amax from the weights", calib_weights)
-        record = {"method": "yolov6-calib", "source": str(calib_weights), "amax_sha256": amax_sha256(qmodel)}
-        return qmodel.to(torch.device(device)).eval(), record
     if calib_weights is not None:
-        load_quantizers(qmodel, calib_weights)
-        info = dict(load_calibrated(calib_weights).quant_calib)
-        if calib_method is not None and info.get("method") not in (None, calib_method):
+        info = _load_calibration_file(qmodel, calib_weights)
+        if calib_method is not None and info.get("method") not in (None, calib_method, SEED_CALIBRATION):
             raise InputError(f"--calib-weights {calib_weights} was calibrated with {info.get('method')!r} but "
                              f"--calib-method is {calib_method!r}: drop --calib-method or recalibrate")
         record = {"method": info.get("method", "?"), "source": str(calib_weights)}

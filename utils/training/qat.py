@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.data.coco import CocoDetection, ImageFolderDataset, create_dataloader
+from utils.data.coco import CocoDetection, ImageFolderDataset, create_dataloader, readable_images
 from utils.errors import InputError
 from utils.fileio import atomic_output, ensure_folder
 from utils.inference.evaluate import evaluate
@@ -185,7 +185,7 @@ class QatTrainer:
     """Fine-tunes a calibrated (or partial) quantized model towards its float self; see the module docstring.
 
     ``student``: a model from ``load_calibrated`` (its float layers stay float). Writes ``last.pt`` (resume),
-    ``results.csv`` and, from ``finish``, the fine-tuned calibrated checkpoint.
+    ``results.csv`` and, from ``save``, the fine-tuned calibrated checkpoint.
     """
 
     def __init__(self, student: nn.Module, images: str | Path, cfg: QatConfig, out_dir: str | Path,
@@ -263,8 +263,16 @@ class QatTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * factor
 
+    def _loss(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``model``'s distillation loss against the teacher on the batch ``x`` (and its parts)."""
+        with_neck = self.cfg.neck_weight > 0
+        with torch.no_grad():
+            ref, ref_feats = _forward(self.teacher, x, with_neck)
+        out, feats = _forward(model, x, with_neck)
+        return distill_loss(ref, out, ref_feats, feats, self.cfg.neck_weight)
+
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, with_neck = self.cfg, self.cfg.neck_weight > 0
+        cfg = self.cfg
         loader = self._loader(epoch)
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         sums: dict[str, float] = {}
@@ -274,16 +282,13 @@ class QatTrainer:
         try:
             bar = tqdm(loader, desc=f"qat {epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
             for i, batch in enumerate(bar):
-                x = batch["image"][torch.as_tensor(batch["ok"], dtype=torch.bool)]
+                x = readable_images(batch)
                 if not len(x):
                     continue
                 x = _flip_some(x, cfg.flip, generator).to(self.device)
                 self._set_lr(epoch * len(loader) + i, cfg.epochs * len(loader))
                 refresh_weight_amax(self.student)
-                with torch.no_grad():
-                    ref, ref_feats = _forward(self.teacher, x, with_neck)
-                out, feats = _forward(self.student, x, with_neck)
-                loss, parts = distill_loss(ref, out, ref_feats, feats, cfg.neck_weight)
+                loss, parts = self._loss(self.student, x)
                 if not torch.isfinite(loss):
                     raise InputError(f"the QAT loss became {float(loss)} at epoch {epoch + 1}: lower the learning "
                                      f"rate (now {cfg.lr:g})")
@@ -318,12 +323,9 @@ class QatTrainer:
         total, batches = 0.0, 0
         loader = create_dataloader(self.dataset, self.cfg.batch_size, workers=self.cfg.workers)
         for batch in tqdm(loader, desc="distillation loss", disable=not self.progress, leave=False):
-            x = batch["image"][torch.as_tensor(batch["ok"], dtype=torch.bool)].to(self.device)
+            x = readable_images(batch).to(self.device)
             if len(x):
-                with_neck = self.cfg.neck_weight > 0
-                ref, ref_feats = _forward(self.teacher, x, with_neck)
-                out, feats = _forward(model, x, with_neck)
-                total += float(distill_loss(ref, out, ref_feats, feats, self.cfg.neck_weight)[0])
+                total += float(self._loss(model, x)[0])
                 batches += 1
         return total / max(batches, 1)
 
@@ -342,7 +344,7 @@ class QatTrainer:
                                    "minutes": round(self.seconds / 60, 2)}
             last = epoch + 1 == self.cfg.epochs
             if self.val_set is not None and (last or (epoch + 1) % self.cfg.eval_interval == 0):
-                metrics = self.evaluate(copy.deepcopy(self.final_model()))
+                metrics = self.evaluate(self.final_model())
                 row.update(mAP50=round(metrics["mAP50"], 4), mAP50_95=round(metrics["mAP50_95"], 4))
             self.history.append(row)
             with atomic_output(self.out_dir / "last.pt") as tmp:  # a crash mid-write keeps the previous epoch's
@@ -359,9 +361,9 @@ class QatTrainer:
             writer.writeheader()
             writer.writerows(self.history)
 
-    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-        """The fine-tuned calibrated checkpoint (``load_calibrated`` / export_onnx.py / eval_coco.py read it)."""
-        model = self.final_model()
+    def save(self, path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
+        """``model`` (``final_model()``) as the fine-tuned calibrated checkpoint (``load_calibrated`` /
+        export_onnx.py / eval_coco.py read it)."""
         model.quant_calib = {**dict(getattr(self.student, "quant_calib", {})),
                              "qat": {"epochs": self.cfg.epochs, "lr": self.cfg.lr,
                                      "optimizer": self.cfg.optimizer, "learn_amax": self.cfg.learn_amax}}
