@@ -47,7 +47,7 @@ from utils.inference.evaluate import evaluate
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner
 from utils.quant import calibration
 from utils.quant import quantizers as quant
-from utils.quant.calibration import calibrated_model
+from utils.quant.calibration import TransformSettings, add_transform_arguments, calibrated_model
 from utils.sensitivity.metrics import PROXY_METHODS
 from utils.sensitivity.probes import ProxyProbe
 from utils.sensitivity.report import read_ranking
@@ -75,6 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     cal.add_argument("--entropy-stride", type=positive_int, default=1, metavar="K",
                      help="entropy / auto: try every K-th histogram bin as the entropy amax (1: every bin, as YOLOv6; "
                           "4: calibrates about 4x faster, auto's choice barely changes)")
+    add_transform_arguments(cal)
     cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size")
     cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     ev = parser.add_argument_group("evaluation (COCO mAP50:95; optional with --skip-layers / --quant-boundary)")
@@ -188,7 +189,7 @@ def calibrated(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     return calibrated_model(load_model(args.weights, deploy=True), calib_weights=args.calib_weights,
                             loader=loader, batch_number=args.batch_number, calib_method=args.calib_method,
                             percentile=args.percentile, device=device,
-                            entropy_stride=args.entropy_stride)
+                            entropy_stride=args.entropy_stride, transform=TransformSettings.from_args(args))
 
 
 def rerank_choice(args: argparse.Namespace, model: PartialModel, qmodel: torch.nn.Module, device: torch.device,

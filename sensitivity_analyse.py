@@ -34,7 +34,7 @@ from utils.errors import InputError
 from utils.fileio import file_sha256
 from utils.quant import calibration
 from utils.quant import quantizers as quant
-from utils.quant.calibration import calibrated_model
+from utils.quant.calibration import TransformSettings, add_transform_arguments, calibrated_model
 from utils.sensitivity import analyse, distributed
 from utils.sensitivity.metrics import DIRECTIONS, METHODS
 from utils.sensitivity.probes import MapProbe, ProxyProbe, select_layers
@@ -78,6 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     cal.add_argument("--entropy-stride", type=positive_int, default=1, metavar="K",
                      help="entropy / auto: try every K-th histogram bin as the entropy amax (1: every bin, as YOLOv6; "
                           "4: calibrates about 4x faster, auto's choice barely changes)")
+    add_transform_arguments(cal)
     cal.add_argument("--img-size", type=img_size, default=640, metavar="N", help="letterbox size, a multiple of 32")
     cal.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     ana = parser.add_argument_group("analysis")
@@ -164,7 +165,7 @@ def _calibrated(args: argparse.Namespace, ckpt: Any, device: torch.device) -> tu
     model = reparameterize(model_from_checkpoint(ckpt, args.weights))
     return calibrated_model(model, calib_weights=args.calib_weights, loader=loader, batch_number=args.batch_number,
                             calib_method=args.calib_method, percentile=args.percentile, device=device,
-                            entropy_stride=args.entropy_stride)
+                            entropy_stride=args.entropy_stride, transform=TransformSettings.from_args(args))
 
 
 def _model_id(args: argparse.Namespace, ckpt: Any) -> dict[str, Any]:

@@ -219,8 +219,11 @@ def parse_intended(data: Any, source: str = "export info") -> list[dict[str, Any
             raise InputError(f"{source}: layers[{i}] ({name}) has precision {entry.get('precision')!r}; expected one "
                              f"of {', '.join(INTENDED_PRECISIONS)}")
         nodes = entry.get("onnx_nodes") or ([entry["onnx_node"]] if entry.get("onnx_node") else [])
-        intended.append({"name": name, "onnx_nodes": [str(node) for node in nodes], "op": str(entry.get("op") or ""),
-                         "precision": precision})
+        row = {"name": name, "onnx_nodes": [str(node) for node in nodes], "op": str(entry.get("op") or ""),
+               "precision": precision}
+        if entry.get("input_scale_node"):
+            row["input_scale_node"] = str(entry["input_scale_node"])
+        intended.append(row)
     return intended
 
 
@@ -270,7 +273,18 @@ def _compare_row(row: Mapping[str, Any], index: Mapping[str, EngineLayer]) -> di
         culprit = found[statuses.index("mismatch")] if "mismatch" in statuses else found[0]
         out.update({"engine": "/".join(_unique(layer.precision for layer in found)), "engine_layer": culprit.name,
                     "status": "mismatch" if "mismatch" in statuses else "ok"})
+    if row.get("input_scale_node"):
+        out["input_scale"] = _input_scale_status(row["input_scale_node"], index)
     return out
+
+
+def _input_scale_status(node: str, index: Mapping[str, EngineLayer]) -> str:
+    """Where the engine runs an equalization multiply: ``fused`` into a layer with weights (the producing conv's
+    epilogue), ``separate`` (a pointwise layer of its own: an extra pass over the tensor) or ``not_found``."""
+    layer = index.get(node)
+    if layer is None:
+        return "not_found"
+    return "fused" if layer.is_conv else "separate"
 
 
 def compare_with_intended(layers: Sequence[EngineLayer], intended: Mapping[str, Any] | Sequence[Mapping[str, Any]],
@@ -296,6 +310,10 @@ def compare_with_intended(layers: Sequence[EngineLayer], intended: Mapping[str, 
     result.update({"intended_layers": len(table), "matched": len(table) - len(not_found),
                    "mismatch_count": len(mismatches), "not_found_count": len(not_found),
                    "layers": table, "mismatches": mismatches, "not_found": not_found})
+    scaled = [row for row in table if "input_scale" in row]
+    if scaled:
+        result["input_scale"] = {status: [row["name"] for row in scaled if row["input_scale"] == status]
+                                 for status in ("fused", "separate", "not_found")}
     return result
 
 
@@ -321,4 +339,11 @@ def format_report(result: Mapping[str, Any]) -> str:
                          f"in '{row['engine_layer']}'")
         if result["not_found"]:
             lines.append(f"  not found (renamed or inside a Myelin region): {', '.join(result['not_found'])}")
+    scale = result.get("input_scale")
+    if scale:
+        lines.append(f"equalization multiplies: {len(scale['fused'])} fused into a conv, {len(scale['separate'])} "
+                     f"run as a layer of their own (an extra pass over the tensor), {len(scale['not_found'])} not "
+                     "found")
+        for name in scale["separate"]:
+            lines.append(f"  unfused multiply before {name}")
     return "\n".join(lines)

@@ -124,17 +124,22 @@ def onnx_layer_nodes(onnx_model: Any, layer_names: Sequence[str]) -> dict[str, l
 
 def layer_records(model: torch.nn.Module, onnx_model: Any) -> list[dict[str, Any]]:
     """Per layer that could run INT8: name, ONNX op and node(s), intended precision (``int8`` / ``float``)."""
+    from utils.deploy.onnx_graph import input_scale_muls
     from utils.quant import quantizers as quant
 
     info = quant.layer_info(model)
     nodes = onnx_layer_nodes(onnx_model, [i["name"] for i in info])
     ops = {n.name: n.op_type for n in onnx_model.graph.node}
+    muls = input_scale_muls(onnx_model.graph)
     records = []
     for item in info:
         found = nodes[item["name"]]
-        records.append({"name": item["name"], "op": ops[found[0]] if found else None,
-                        "onnx_node": found[0] if found else None, "onnx_nodes": found,
-                        "precision": "int8" if item["quantized"] else "float"})
+        record = {"name": item["name"], "op": ops[found[0]] if found else None,
+                  "onnx_node": found[0] if found else None, "onnx_nodes": found,
+                  "precision": "int8" if item["quantized"] else "float"}
+        if found and found[0] in muls:  # equalized: its input is multiplied per channel before the Q/DQ pair
+            record["input_scale_node"] = muls[found[0]]
+        records.append(record)
     missing = [r["name"] for r in records if r["onnx_node"] is None]
     if missing:
         _logger.warning("%d layer(s) have no ONNX node of their name (e.g. %s)", len(missing), missing[0])

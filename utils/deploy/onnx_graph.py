@@ -394,13 +394,32 @@ def _conv_counts(nodes: Iterable[onnx.NodeProto], producers: dict[str, onnx.Node
     return quantized, floating, sorted(axes)
 
 
+def input_scale_muls(graph: onnx.GraphProto) -> dict[str, str]:
+    """Equalization multiplies (``utils.quant.equalize``): ``Mul`` nodes by a per-channel constant ([1, C, 1, 1],
+    C > 1) whose output feeds a QuantizeLinear, by the name of the Conv that the Q/DQ pair then feeds."""
+    producers = {o: n for n in graph.node for o in n.output}
+    constants = _constants(graph)
+    found = {}
+    for conv in (n for n in graph.node if n.op_type == "Conv"):
+        dq = producers.get(conv.input[0])
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        mul = producers.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if mul is None or mul.op_type != "Mul":
+            continue
+        scale = next((constants[i] for i in mul.input if i in constants), None)
+        if scale is not None and len(scale.dims) == 4 and scale.dims[1] > 1 and math.prod(scale.dims) == scale.dims[1]:
+            found[conv.name] = mul.name
+    return found
+
+
 def qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
     """Counts of the model's Q/DQ structure, as a flat dict.
 
     Keys: ``quantize_linear`` and ``dequantize_linear`` (nodes); ``quantized_conv`` / ``float_conv`` and
     ``quantized_conv_transpose`` / ``float_conv_transpose`` (a layer is quantized when its weight input comes
     from a DequantizeLinear); ``conv_weight_axes`` and ``conv_transpose_weight_axes`` (sorted channel axes of the
-    per-channel weight scales; per-tensor weight scales add none).
+    per-channel weight scales; per-tensor weight scales add none); ``input_scale_mul`` (equalization multiplies
+    right before a Conv's input QuantizeLinear, ``input_scale_muls``).
     """
     graph = model.graph
     ops = Counter(n.op_type for n in graph.node)
@@ -411,4 +430,5 @@ def qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
         nodes = [n for n in graph.node if n.op_type == op_type]
         quantized, floating, axes = _conv_counts(nodes, producers, constants)
         summary.update({f"quantized_{key}": quantized, f"float_{key}": floating, f"{key}_weight_axes": axes})
+    summary["input_scale_mul"] = len(input_scale_muls(graph))
     return summary

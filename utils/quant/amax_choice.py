@@ -123,7 +123,8 @@ def _layer_output_errors(model: nn.Module, layers: Mapping[str, nn.Module],
 
 
 @torch.no_grad()
-def _head_sqnr(model: nn.Module, images: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+def head_sqnr(model: nn.Module, images: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """Head-output SQNR (dB) of ``model`` as it is against the float outputs ``refs`` on ``images``."""
     error = DetectionError()
     for x, ref in zip(images, refs, strict=True):
         error.update(ref, model(x))
@@ -155,7 +156,7 @@ def choose_amax(model: nn.Module, layers: Mapping[str, nn.Module], candidates: M
     for assignment, choice in tqdm(assignments.items(), desc="auto: assignments", unit="try", file=sys.stderr,
                                    leave=False):
         apply_choice(layers, candidates, choice)
-        scores[assignment] = round(_head_sqnr(model, images, refs), 6)
+        scores[assignment] = round(head_sqnr(model, images, refs), 6)
     selected = max(scores, key=lambda a: (scores[a], a == PER_LAYER))
     choice = assignments[selected]
     apply_choice(layers, candidates, choice)

@@ -7,6 +7,8 @@ load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -23,7 +25,8 @@ from models import Checkpoint, model_from_checkpoint, save_checkpoint
 from models.checkpoint import FORMAT, read_pickled_model_state
 from utils.data.coco import readable_images
 from utils.errors import InputError
-from utils.quant.amax_choice import candidate_amax, choose_amax, tracking_max
+from utils.quant import equalize as eq
+from utils.quant.amax_choice import candidate_amax, choose_amax, head_sqnr, tracking_max
 from utils.quant.compat import TensorQuantizer, calib, device_safe, quiet_library_logs
 from utils.quant.quantizers import (
     DEFAULT_SKIP,
@@ -290,6 +293,7 @@ def save_calibrated(path: str | Path, model: nn.Module, meta: dict[str, Any] | N
                          "saving it")
     settings = dict(getattr(model, "quant_settings", {}))
     extra = {"quantizers": state, "calib": dict(getattr(model, "quant_calib", {})),
+             "transform": eq.transform_record(model),
              "quant": {"skip": list(settings.get("skip", DEFAULT_SKIP)), "num_bits": int(settings.get("num_bits", 8)),
                        "float_layers": float_layers(model)}}
     return save_checkpoint(path, _FloatView(model), deployed=True, meta=meta, extra=extra)
@@ -409,6 +413,7 @@ def load_calibrated(path: str | Path, device: str | torch.device = "cpu") -> nn.
     calib_info = dict(raw.get("calib") or {})
     insert_quantizers(model, tuple(settings.get("skip", DEFAULT_SKIP)), calib_info.get("method", "max"),
                        int(settings.get("num_bits", 8)))
+    eq.apply_transform(model, raw.get("transform") or {}, weights=False)  # the saved weights are transformed
     load_quantizers(model, raw["quantizers"])
     disabled = [name for name in settings.get("float_layers", []) if name in quant_layers(model)]
     if disabled:
@@ -418,6 +423,111 @@ def load_calibrated(path: str | Path, device: str | torch.device = "cpu") -> nn.
 
 
 # -------------------------------------------------------------------------------------------- calibrated model
+@dataclasses.dataclass(frozen=True)
+class TransformSettings:
+    """What happens to the quantized model around calibration: input equalization (``equalize``: none, depthwise,
+    all or auto; ``alpha``, ``percentile``: utils.quant.equalize.equalize) before it, bias correction after it."""
+
+    equalize: str = "none"
+    alpha: float = 1.0
+    percentile: float = 99.99
+    bias_correction: bool = False
+    auto_images: int = 16  # equalize=auto: images its head-SQNR criterion is measured on
+
+    def __post_init__(self) -> None:
+        eq.kinds_of(self.equalize)
+        eq.check_settings((), self.alpha, self.percentile)
+
+    @property
+    def active(self) -> bool:
+        return self.equalize != "none" or self.bias_correction
+
+    @classmethod
+    def from_args(cls, args: Any) -> TransformSettings:
+        return cls(args.equalize, args.equalize_alpha, args.equalize_percentile, args.bias_correction)
+
+
+def add_transform_arguments(group: Any) -> None:
+    """The --equalize / --bias-correction options of every script that calibrates."""
+    group.add_argument("--equalize", choices=eq.CHOICES, default="none",
+                       help="before calibration, move each channel's input range into the conv's per-channel weight "
+                            "scales (float outputs unchanged): depthwise convs, all convs (SmoothQuant-style), or "
+                            "auto (the one of none / depthwise / all whose full-INT8 head output is closest to "
+                            "float; calibrates three times). Recorded in calibrated.pt")
+    group.add_argument("--equalize-alpha", type=float, default=1.0, metavar="A",
+                       help="migration strength in [0, 1]: 1 moves all of the input's channel imbalance into the "
+                            "weights, 0.5 splits it with the weights' own (regular convs)")
+    group.add_argument("--equalize-percentile", type=float, default=99.99, metavar="P",
+                       help="each channel's range for --equalize: this percentile of |x| (100: max)")
+    group.add_argument("--bias-correction", action="store_true",
+                       help="after calibration, subtract from each INT8 conv's bias the mean output shift its "
+                            "quantization causes on the calibration images")
+
+
+def _equalized_and_calibrated(model: nn.Module, qmodel: nn.Module, batches: list[torch.Tensor], loader: Any,
+                              batch_number: int, method: str, percentile: float, device: torch.device,
+                              entropy_stride: int, transform: TransformSettings) -> nn.Module:
+    """``qmodel`` equalized as ``transform.equalize`` says and calibrated. ``auto``: each of none / depthwise / all
+    is tried on a fresh copy of the uncalibrated ``qmodel``; the one whose calibrated full-INT8 head output is
+    closest to float (head SQNR on the first ``transform.auto_images`` images, no labels) is kept."""
+    def build(setting: str, target: nn.Module) -> nn.Module:
+        target.to(device).quant_transform = {}
+        kinds = eq.kinds_of(setting)
+        if kinds:
+            eq.equalize(target, batches, kinds, transform.alpha, transform.percentile)
+        calibrate(target, loader, batch_number, method=method, percentile=percentile, device=device,
+                  entropy_stride=entropy_stride)
+        return target
+
+    if transform.equalize != "auto":
+        return build(transform.equalize, qmodel)
+    images = _first_images(batches, transform.auto_images)
+    with eq.float_pass(qmodel.to(device)), torch.no_grad():
+        refs = [qmodel.eval()(x) for x in images]
+    untouched, scores, best = copy.deepcopy(qmodel), {}, {}
+    for setting in ("none", "depthwise", "all"):
+        candidate = build(setting, qmodel if setting == "none" else copy.deepcopy(untouched))
+        scores[setting] = round(head_sqnr(candidate.eval(), images, refs), 4)
+        if not best or scores[setting] > scores[best["setting"]]:
+            best = {"setting": setting, "model": candidate}
+    _logger.info("--equalize auto: %s (head SQNR %s)", best["setting"],
+                 ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
+    chosen = best["model"]
+    record = chosen.quant_transform.setdefault("equalize", {"kinds": [], "alpha": transform.alpha,
+                                                             "percentile": transform.percentile, "scales": {},
+                                                             "folded": {}})
+    record["selected_by"] = {"setting": best["setting"], "criterion": "head output SQNR (dB) against float",
+                             "scores": scores}
+    return chosen
+
+
+def _first_images(batches: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    out, taken = [], 0
+    for x in batches:
+        if taken >= count:
+            break
+        out.append(x[:count - taken])
+        taken += len(out[-1])
+    return out
+
+
+def _transformed_and_calibrated(model: nn.Module, qmodel: nn.Module, loader: Any, batch_number: int, method: str,
+                                percentile: float, device: torch.device, entropy_stride: int,
+                                transform: TransformSettings) -> nn.Module:
+    """Equalize (as ``transform`` says), calibrate, then correct biases; the calibration summary stays in
+    ``quant_calib`` and the transform in ``quant_transform`` of the returned model."""
+    batches = eq.calibration_batches(loader, batch_number, device)
+    if not batches:
+        raise InputError(f"no readable image in the first {batch_number} calibration batches: check the "
+                         "calibration images")
+    qmodel.quant_transform = {}
+    qmodel = _equalized_and_calibrated(model, qmodel, batches, loader, batch_number, method, percentile, device,
+                                       entropy_stride, transform)
+    if transform.bias_correction:
+        eq.correct_bias(qmodel, batches)
+    return qmodel
+
+
 def amax_sha256(model: nn.Module) -> str:
     """A hash of every quantizer's amax (names, shapes and FP32 values): identifies a calibration."""
     digest = hashlib.sha256()
@@ -446,17 +556,22 @@ def _load_calibration_file(qmodel: nn.Module, path: str | Path) -> dict[str, Any
         qmodel.quant_calib = {"method": SEED_CALIBRATION, "source": str(path)}
         _logger.info("%s: input amax of YOLOv6's calibration file, weight amax from the weights", path)
         return dict(qmodel.quant_calib)
+    eq.apply_transform(qmodel, raw.get("transform") or {})  # this model's float weights, transformed as the file's
     load_quantizers(qmodel, raw["quantizers"], f"{path} (config {raw['config'].get('name', '?')!r})")
     return dict(raw.get("calib") or {})
 
 
 def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = None, loader: Any = None,
                      batch_number: int = 1, calib_method: str | None = None, percentile: float = 99.99,
-                     device: str | torch.device = "cpu", num_bits: int = 8,
-                     entropy_stride: int = 1) -> tuple[nn.Module, dict[str, Any]]:
+                     device: str | torch.device = "cpu", num_bits: int = 8, entropy_stride: int = 1,
+                     transform: TransformSettings | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The quantized copy of the deployed float ``model``, calibrated here or loaded from ``calib_weights``.
 
-    Returns (quantized model on ``device``, calibration record: method (+ percentile), source, amax_sha256).
+    ``transform``: input equalization and bias correction around the calibration (``utils.quant.equalize``); a
+    ``calib_weights`` file brings its own (recorded) transform instead.
+
+    Returns (quantized model on ``device``, calibration record: method (+ percentile), source, amax_sha256,
+    transform summary).
 
     Raises:
         InputError: ``calib_weights`` belongs to another model, or its method differs from ``calib_method``.
@@ -465,6 +580,9 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
         raise InputError(f"unknown calibration method {calib_method!r}; choose one of {', '.join(METHODS)}")
     qmodel = quantize_model(model, calib_method=calib_method or "max", num_bits=num_bits)
     if calib_weights is not None:
+        if transform is not None and transform.active:
+            raise InputError(f"--calib-weights {calib_weights} brings its own equalization / bias correction (or "
+                             "none): drop --equalize / --bias-correction, or calibrate again without --calib-weights")
         info = _load_calibration_file(qmodel, calib_weights)
         if calib_method is not None and info.get("method") not in (None, calib_method, SEED_CALIBRATION):
             raise InputError(f"--calib-weights {calib_weights} was calibrated with {info.get('method')!r} but "
@@ -476,11 +594,19 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
     else:
         if loader is None:
             raise InputError("no calibration data: pass --data-root with calibration images or --calib-weights")
-        summary = calibrate(qmodel, loader, batch_number, method=calib_method or "max", percentile=percentile,
-                            device=device, entropy_stride=entropy_stride)
+        transform = transform or TransformSettings()
+        if transform.active:
+            qmodel = _transformed_and_calibrated(model, qmodel, loader, batch_number, calib_method or "max",
+                                                 percentile, torch.device(device), entropy_stride, transform)
+            summary = qmodel.quant_calib
+        else:
+            summary = calibrate(qmodel, loader, batch_number, method=calib_method or "max", percentile=percentile,
+                                device=device, entropy_stride=entropy_stride)
         record = {k: summary[k] for k in ("method", "percentile", "entropy_stride") if k in summary}
         record.update(source="calibrated", images=summary["images"], dead_amax=summary["dead_amax"])
         if "auto" in summary:
             record["auto"] = _auto_record(summary["auto"])
+    if eq.transform_record(qmodel):
+        record["transform"] = eq.describe(eq.transform_record(qmodel))
     record["amax_sha256"] = amax_sha256(qmodel)
     return qmodel.to(torch.device(device)).eval(), record
