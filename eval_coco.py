@@ -22,7 +22,8 @@ from utils.cli import (
 from utils.data.coco import CocoDetection
 from utils.errors import InputError
 from utils.inference.evaluate import evaluate
-from utils.inference.runners import ENGINE_SUFFIXES, ORT_LEVELS, create_runner
+from utils.inference.runners import ENGINE_SUFFIXES, ORT_LEVELS, TorchRunner, create_runner
+from utils.quant.calibration import is_calibrated_file, load_calibrated
 
 _logger = logging.getLogger("eval_coco")
 DEFAULT_IMG_SIZE = 640
@@ -33,12 +34,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--weights", required=True, metavar="FILE",
                        help="YOLOv6 release .pt, a checkpoint of this toolkit, an .onnx model, or a TensorRT "
-                            ".engine/.trt/.plan (needs --device cuda:N and requirements-trt.txt)")
+                            ".engine/.trt/.plan (needs --device cuda:N and requirements-trt.txt). A calibrated "
+                            "checkpoint (calibrated.pt, partial.pt, qat.pt) runs as fake-quantized INT8 with its float "
+                            "layers, equalization and bias correction (--float: its float function)")
     add_device_argument(model)
     model.add_argument("--ort-optimization", choices=ORT_LEVELS, default="all",
                        help="ONNX models: ONNX Runtime's graph optimisation (basic: Q/DQ run where the export put "
                             "them; all: ORT's default, which removes or moves some Q/DQ pairs and fuses activations "
                             "into convolutions, another INT8 rounding)")
+    model.add_argument("--float", action="store_true",
+                       help="a calibrated checkpoint: evaluate its float function (every quantizer off)")
     model.add_argument("--half", action="store_true", help="run a PyTorch model in FP16 (CUDA only; an engine "
                        "runs in the precision it was built with)")
     data = parser.add_argument_group("data")
@@ -77,11 +82,27 @@ def choose_img_size(requested: int | None, fixed_hw: tuple[int, int] | None) -> 
     return fixed_hw[0]
 
 
+def make_runner(args: argparse.Namespace, device: Any) -> Any:
+    """A calibrated checkpoint runs fake-quantized (its quantizers as saved, or all off with --float): loaded as a
+    plain checkpoint it would run float weights without its equalization multiplies. Anything else: create_runner."""
+    if Path(args.weights).suffix.lower() not in (".onnx", *ENGINE_SUFFIXES) and is_calibrated_file(args.weights):
+        from utils.quant.quantizers import disable_all
+
+        model = load_calibrated(args.weights)
+        if args.float:
+            disable_all(model)
+        runner = TorchRunner(model, device, args.half)
+        runner.name = "pytorch " + ("float" if args.float else "fake-quant int8")
+        return runner
+    if args.float:
+        raise InputError(f"--float applies to calibrated checkpoints; {args.weights} is not one: drop --float")
+    return create_runner(args.weights, device, args.half, args.ort_optimization)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     # an engine checks its device itself: it needs CUDA, where resolve_device's advice would be --device cpu
     engine = Path(args.weights).suffix.lower() in ENGINE_SUFFIXES
-    runner = create_runner(args.weights, args.device if engine else resolve_device(args.device), args.half,
-                           args.ort_optimization)
+    runner = make_runner(args, args.device if engine else resolve_device(args.device))
     size = choose_img_size(args.img_size, runner.input_hw)
     dataset = CocoDetection(args.data, args.images, img_size=size, max_images=args.max_images)
     _logger.info("evaluating %s [%s] on %d images at %d px", args.weights, runner.name, len(dataset), size)

@@ -182,3 +182,28 @@ def test_export_refuses_to_overwrite(checkpoint, tmp_path, capsys):
             ["--weights", str(checkpoint), "--output", str(target), "--img-size", "64"]))
     assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert target.read_text() == "keep me"
+
+
+def test_a_calibrated_checkpoint_is_evaluated_fake_quantized(synthetic, tmp_path):
+    """calibrated.pt (here equalized, 4-bit so that quantization visibly moves mAP) runs as its fake-quantized model;
+    --float runs its float function, which equalization leaves equal to the original model's."""
+    from models import load_model
+    from utils.data.calibration import calibration_loader
+    from utils.inference.runners import TorchRunner
+    from utils.quant import calibration
+
+    bundled = REPO / "assets" / "yolov6n_synthetic.pt"  # trained: its mAP is far from zero
+    loader = calibration_loader(synthetic["images"], IMG_SIZE, 4, 2, workers=0)
+    qmodel, _ = calibration.calibrated_model(load_model(bundled), loader=loader, batch_number=2, num_bits=4,
+                                             transform=calibration.TransformSettings("all", alpha=0.5))
+    path = calibration.save_calibrated(tmp_path / "calibrated.pt", qmodel)
+    dataset = CocoDetection(synthetic["json"], synthetic["images"], img_size=IMG_SIZE)
+    expected_int = evaluate(TorchRunner(qmodel), dataset, batch_size=8, workers=0, progress=False)["mAP50_95"]
+    expected_float = evaluate(TorchRunner(load_model(bundled)), dataset, batch_size=8, workers=0,
+                              progress=False)["mAP50_95"]
+    parser = eval_coco.get_args_parser()
+    got = eval_coco.main(parser.parse_args(_eval_args(path, synthetic, tmp_path)))
+    got_float = eval_coco.main(parser.parse_args(_eval_args(path, synthetic, tmp_path, "--float")))
+    assert got["backend"] == "pytorch fake-quant int8" and got["mAP50_95"] == pytest.approx(expected_int, abs=1e-6)
+    assert got_float["mAP50_95"] == pytest.approx(expected_float, abs=1e-4)
+    assert expected_float > 0.3 and abs(expected_int - expected_float) > 1e-3  # really two different models

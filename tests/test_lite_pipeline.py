@@ -112,3 +112,34 @@ def test_train_runs_a_lite_config(real, tmp_path):
                            "--workers", "0", "--warmup-epochs", "0", "--output-dir", str(tmp_path / "train"),
                            "--no-progress"])
     assert (tmp_path / "train" / "last.pt").is_file() and 0 <= result["mAP50_95"] <= 1
+
+
+def test_equalized_pipeline_on_lite(real, tmp_path):
+    """--equalize / --bias-correction from calibration to the Q/DQ ONNX and fine-tuning: every script carries the
+    transform (calibrated.pt -> partial.pt -> ONNX multiplies -> qat.pt)."""
+    from utils.quant import calibration, equalize
+    from utils.quant import quantizers as quant
+
+    sens = _main(sensitivity_analyse, ["--weights", str(shared_fixture(LITE_S)), *_calibration(real), "--method",
+                                       "sqnr", "--proxy-images", "4", "--layers", *LAYERS, "--equalize",
+                                       "depthwise", "--bias-correction", "--output", str(tmp_path / "sens")])
+    calibrated = calibration.load_calibrated(tmp_path / "sens" / "calibrated.pt")
+    scaled = equalize.equalized_layers(calibrated)
+    assert len(scaled) == 42 and all(equalize.layer_kind(m) == "depthwise" for m in scaled.values())
+    assert calibrated.quant_transform["bias_correction"]
+    partial = _main(partial_quant, ["--weights", str(LITE_S), "--calib-weights", str(tmp_path / "sens" /
+                                    "calibrated.pt"), "--sensitivity-file", sens["json"], "--skip-layers", "1",
+                                    "--data", real["val"]["json"], "--images", real["val"]["images"], "--img-size",
+                                    str(SIZE), "--batch-size", "4", "--workers", "0", "--no-progress", "--eval-onnx",
+                                    "--output-dir", str(tmp_path / "partial")])
+    record = json.loads(Path(partial["onnx"]).with_suffix(".json").read_text())
+    model = calibration.load_calibrated(tmp_path / "partial" / "partial.pt")
+    int8_scaled = {n for n, m in equalize.equalized_layers(model).items() if n not in quant.float_layers(model)}
+    assert record["qdq"]["input_scale_mul"] == len(int8_scaled) >= 41
+    assert {r["name"] for r in record["layers"] if "input_scale_node" in r} == int8_scaled
+    assert abs(partial["onnx_map"] - partial["partial_map"]) <= 0.05
+    qat = _main(train, ["--qat", "--weights", str(tmp_path / "partial" / "partial.pt"), "--images",
+                        real["train"]["images"], "--max-images", "4", "--img-size", str(SIZE), "--epochs", "1",
+                        "--batch-size", "2", "--workers", "0", "--output-dir", str(tmp_path / "qat"), "--no-progress"])
+    tuned = calibration.load_calibrated(tmp_path / "qat" / "qat.pt")
+    assert set(equalize.equalized_layers(tuned)) == set(scaled) and qat["int8_layers"] == 153

@@ -184,6 +184,12 @@ def test_bad_inputs_exit_2(data, ranking, tmp_path, capsys):
     assert "between 0 and 1" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--target-drop", "5"), capsys)
     assert "--entropy-stride" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--skip-layers", "1",
                                                                    "--entropy-stride", "0"), capsys)
+    assert "--equalize-alpha" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--skip-layers", "1",
+                                                                   "--equalize", "all", "--equalize-alpha", "2"),
+                                         capsys)
+    assert "brings its own" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--skip-layers", "1",
+                                                                 "--calib-weights", str(ranking), "--equalize",
+                                                                 "depthwise"), capsys)
     assert "together" in _exit_2(partial_quant.main, _argv(data, ranking, out, "--target-drop", "0.1",
                                                            "--search-data", data["train_json"]), capsys)
     assert "--target-drop only" in _exit_2(partial_quant.main, _argv(

@@ -321,3 +321,28 @@ def test_script_runs_from_another_directory(files):
                           cwd=files["dir"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "3 at another precision" in proc.stdout
+
+
+def test_equalization_multiplies_fused_or_separate():
+    """An equalized layer's input Mul: fused when the engine layer that runs it has weights (TensorRT's conv +
+    point-wise + QuantizeLinear fusion), separate when it runs in a point-wise layer of its own."""
+    mul_a, mul_b, mul_c = "/neck/a/Mul", "/neck/b/Mul", "/neck/c/Mul"
+    layers = parse_layer_info({"Layers": [
+        _conv(f"/neck/p/conv/Conv + /neck/p/act/HardSigmoid + /neck/p/act/Mul + {mul_a}", "Int8", INT8_FMT),
+        _conv("/neck/a/conv/Conv", "Int8", INT8_FMT),
+        {"Name": f"PWN(/neck/q/act/HardSigmoid, {mul_b})", "LayerType": "PointWiseV2",
+         "Inputs": [_tensor("x", FP16_FMT)], "Outputs": [_tensor("y", INT8_FMT)], "ParameterType": "PointWise"},
+        _conv("/neck/b/conv/Conv", "Int8", INT8_FMT),
+    ]})
+    intended = [{"name": "neck.a.conv", "onnx_node": "/neck/a/conv/Conv", "op": "Conv", "precision": "int8",
+                 "input_scale_node": mul_a},
+                {"name": "neck.b.conv", "onnx_node": "/neck/b/conv/Conv", "op": "Conv", "precision": "int8",
+                 "input_scale_node": mul_b},
+                {"name": "neck.c.conv", "onnx_node": "/neck/c/conv/Conv", "op": "Conv", "precision": "int8",
+                 "input_scale_node": mul_c}]
+    result = compare_with_intended(layers, intended)
+    assert result["input_scale"] == {"fused": ["neck.a.conv"], "separate": ["neck.b.conv"],
+                                     "not_found": ["neck.c.conv"]}
+    text = format_report(result)
+    assert "1 fused into a conv, 1 run as a layer of their own" in text and "unfused multiply before neck.b.conv" \
+        in text
