@@ -5,18 +5,20 @@ For one checkpoint and real labelled sets (ranking and search on the train set, 
 
 1. float mAP;
 2. full INT8 mAP for each calibrator (max, percentile 99.9 / 99.99 / 99.999, entropy, mse, and auto: each
-   quantizer's best of them), calibrated on the first --calib-images train images;
+   quantizer's best of them), calibrated on the first --calib-images train images; and each again with input
+   equalization (--equalize, optionally --bias-correction: utils.quant.equalize);
 3. the seed's partial quantization (YOLOv6's tools/partial_quantization): rank every layer by the mAP of the model
    with that layer alone quantized (sensitivity_analyse.py --method map on the train set), then partial_quant.py
    --target-drop on the train set (float layers added most sensitive first, then the revert pass), calibrated with
    --partial-calibrator; and the same ranking with as many float layers as ours kept (--skip-layers);
 4. ours: --method-calibrator calibration (auto), then partial_quant.py --target-drop --rerank PROXY on the train
-   set (no ranking stage: the search re-ranks by the proxy on the current partial model);
+   set (no ranking stage: the search re-ranks by the proxy on the current partial model); and the same search from
+   the equalized calibration;
 5. each partial model's Q/DQ ONNX, verified against PyTorch and evaluated on ONNX Runtime (a failed verification
    is reported in its row, and the ONNX is still evaluated);
 6. quantization-aware fine-tuning (unless --no-qat): train.py --qat (self-distillation on the train images, no
-   labels) of the full INT8 model (--method-calibrator) and of our partial model, with their Q/DQ ONNX on ONNX
-   Runtime;
+   labels) of the full INT8 model (--method-calibrator) and of our partial model, plain and equalized
+   (--qat-from), with their Q/DQ ONNX on ONNX Runtime;
 7. proxy quality (unless --no-proxy-quality): every layer ranked by map and by each proxy, in both directions
    (single: quantize the layer alone; revert: return it alone to float from full INT8), on the seed's calibration;
    Spearman's rho and top-10 overlap of each proxy against map, map's split-half reliability (its ranking on the
@@ -29,6 +31,7 @@ fine-tuning whose arguments and input calibration are unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -67,6 +70,7 @@ from utils.fileio import ensure_folder  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
+from utils.quant.equalize import CHOICES as EQUALIZE_CHOICES  # noqa: E402
 from utils.sensitivity.agreement import sensitivity_scores, spearman, top_k_overlap  # noqa: E402
 from utils.sensitivity.metrics import DIRECTIONS, PROXY_METHODS, key_column  # noqa: E402
 
@@ -79,6 +83,9 @@ DEFAULTS = {"weights": SHARED / "yolov6lite-coco" / "yolov6lite_s_coco_fused.pt"
 CALIBRATORS = {"max": ("max", None), "percentile-99.9": ("percentile", 99.9),
                "percentile-99.99": ("percentile", 99.99), "percentile-99.999": ("percentile", 99.999),
                "entropy": ("entropy", None), "mse": ("mse", None), "auto": ("auto", None)}
+
+
+QAT_STARTS = ("full", "ours", "full-eq", "ours-eq")  # full INT8 / our partial model, plain or equalized
 
 
 def _default(key: str) -> str | None:
@@ -120,6 +127,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--rerank-pool", type=positive_int, default=24, metavar="N", help="see partial_quant.py")
     run.add_argument("--proxy-images", type=positive_int, default=32, metavar="N",
                      help="train images every proxy compares outputs on")
+    run.add_argument("--equalize", choices=EQUALIZE_CHOICES, default="depthwise",
+                     help="the equalized rows' --equalize (none: no equalized rows): every --calibrators row again "
+                          "with it, ours from the equalized --method-calibrator calibration, QAT from it")
+    run.add_argument("--equalize-alpha", type=float, default=1.0, metavar="A", help="see partial_quant.py")
+    run.add_argument("--equalize-percentile", type=float, default=99.99, metavar="P", help="see partial_quant.py")
+    run.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                     help="the equalized rows also correct biases")
+    run.add_argument("--no-seed", action="store_true",
+                     help="skip the seed's ranking and search (over an hour on 2 cores) and its rows")
+    run.add_argument("--qat-from", nargs="+", choices=QAT_STARTS, default=list(QAT_STARTS), metavar="S",
+                     help=f"fine-tuning rows: from which models ({', '.join(QAT_STARTS)}; eq ones need --equalize)")
     run.add_argument("--qat-epochs", type=positive_int, default=20, metavar="N", help="fine-tuning epochs")
     run.add_argument("--qat-lr", type=float, default=1e-4, metavar="LR", help="fine-tuning learning rate (AdamW)")
     run.add_argument("--qat-learn-amax", action=argparse.BooleanOptionalAction, default=True,
@@ -146,6 +164,7 @@ def check_args(args: argparse.Namespace) -> None:
                          "are no default real sets")
     if not 0 <= args.target_drop <= 1:
         raise InputError(f"--target-drop must be between 0 and 1 (mAP is a fraction), got {args.target_drop}")
+    equalized(args)  # bad --equalize-alpha / --equalize-percentile: one line before anything runs
 
 
 def _maps(metrics: dict[str, Any]) -> dict[str, float]:
@@ -165,43 +184,76 @@ def _finished_rows(out: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
+def equalized(args: argparse.Namespace) -> calibration.TransformSettings | None:
+    """The equalized rows' transform (None: no equalized rows)."""
+    if args.equalize == "none" and not args.bias_correction:
+        return None
+    return calibration.TransformSettings(args.equalize, args.equalize_alpha, args.equalize_percentile,
+                                         args.bias_correction)
+
+
+def eq_label(args: argparse.Namespace) -> str:
+    parts = [] if args.equalize == "none" else [f"eq {args.equalize}" + (f" a{args.equalize_alpha:g}"
+                                                                       if args.equalize_alpha != 1 else "")]
+    return " + ".join(parts + (["bias corr."] if args.bias_correction else []))
+
+
+def _calibration_variants(args: argparse.Namespace) -> list[tuple[str, str, calibration.TransformSettings | None]]:
+    """(row name, calibrator, transform) of every full-INT8 row and saved calibration, plain rows first."""
+    names = list(dict.fromkeys(args.calibrators + [args.partial_calibrator, args.method_calibrator]))
+    variants = [(f"int8 {name}", name, None) for name in names]
+    transform = equalized(args)
+    if transform is not None:
+        eq_names = list(dict.fromkeys(args.calibrators + [args.method_calibrator]))
+        variants += [(f"int8 {name} + {eq_label(args)}", name, transform) for name in eq_names]
+    return variants
+
+
+def calibrated_path(out: Path, name: str, eq: bool = False) -> Path:
+    return out / f"calibrated_{name}{'_eq' if eq else ''}.pt"
+
+
 def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.device,
                    out: Path) -> dict[str, dict[str, Any]]:
-    """Every calibrator's full-INT8 mAP on val; the partial quantizations' calibrations are saved for later stages.
-    Rows finished by an earlier run with the same settings (and their saved calibration) are reused."""
+    """Every calibrator's full-INT8 mAP on val, plain and equalized; the calibrations that later stages start from
+    are saved. Rows finished by an earlier run with the same settings (and their saved calibration) are reused."""
     batch_number = max(1, args.calib_images // args.batch_size)
     loader = calibration_loader(args.train_images, args.img_size, args.batch_size, batch_number, args.workers)
     rows, finished, settings = {}, _finished_rows(out), _calibration_settings(args)
-    for name in dict.fromkeys(args.calibrators + [args.partial_calibrator, args.method_calibrator]):
+    for row_name, name, transform in _calibration_variants(args):
         method, percentile = CALIBRATORS[name]
         stride = args.auto_entropy_stride if method == "auto" else 1
         row_settings = {**settings, "entropy_stride": stride} if stride != 1 else settings
-        saved = out / f"calibrated_{name}.pt"
-        previous = finished.get(f"int8 {name}", {})
-        needed = name in (args.partial_calibrator, args.method_calibrator)
+        if transform is not None:
+            row_settings = {**row_settings, "transform": dataclasses.asdict(transform)}
+        saved = calibrated_path(out, name, transform is not None)
+        previous = finished.get(row_name, {})
+        needed = name == args.method_calibrator or (transform is None and name == args.partial_calibrator)
         if previous.get("settings") == row_settings and (not needed or saved.is_file()) and \
                 (name not in args.calibrators or "mAP50_95" in previous):
-            _logger.info("full INT8 (%s): reusing the finished row", name)
-            rows[f"int8 {name}"] = previous
+            _logger.info("%s: reusing the finished row", row_name)
+            rows[row_name] = previous
             continue
         start = time.perf_counter()
         qmodel, record = calibration.calibrated_model(load_model(args.weights), loader=loader,
                                                       batch_number=batch_number, calib_method=method,
                                                       percentile=percentile or 99.99, device=device,
-                                                      entropy_stride=stride)
+                                                      entropy_stride=stride, transform=transform)
         calib_seconds = time.perf_counter() - start
         if needed:
             calibration.save_calibrated(saved, qmodel, meta={"weights": str(args.weights)})
         row: dict[str, Any] = {"calibration_s": round(calib_seconds, 1), "settings": row_settings}
         if "auto" in record:
             row["auto"] = {"selected": record["auto"]["selected"], "counts": record["auto"]["counts"]}
+        if "transform" in record:
+            row["transform"] = record["transform"]
         if name in args.calibrators:
             metrics = evaluate(TorchRunner(qmodel, device), val, args.batch_size, args.workers,
                                progress=not args.no_progress)
             row.update(_maps(metrics))
-            _logger.info("full INT8 (%s): mAP50:95 %.4f", name, metrics["mAP50_95"])
+            _logger.info("%s: mAP50:95 %.4f", row_name, metrics["mAP50_95"])
         row["seconds"] = round(time.perf_counter() - start, 1)
-        rows[f"int8 {name}"] = row
+        rows[row_name] = row
         write_json(out / "rows_so_far.json", {**finished, **rows})
     return rows
 
@@ -319,15 +371,17 @@ def seed_rows(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict], dic
     return rows, partial
 
 
-def our_rows(args: argparse.Namespace, out: Path, rows: dict[str, dict]) -> tuple[dict[str, dict], dict[str, Any]]:
-    partial = run_partial(out / "ours", [*_common(args), "--calib-weights",
-                                         str(out / f"calibrated_{args.method_calibrator}.pt"),
-                                         "--data-root", str(args.train_images), "--rerank", args.rerank,
-                                         "--rerank-pool", str(args.rerank_pool), "--proxy-images",
-                                         str(args.proxy_images), "--target-drop", str(args.target_drop),
-                                         *_search_sets(args)])
-    calib_s = rows[f"int8 {args.method_calibrator}"]["calibration_s"]
-    name = f"ours ({args.method_calibrator}, re-ranked by {args.rerank}, drop {args.target_drop})"
+def our_rows(args: argparse.Namespace, out: Path, rows: dict[str, dict],
+             eq: bool = False) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Ours: the re-ranking search from the --method-calibrator calibration (``eq``: the equalized one)."""
+    partial = run_partial(out / ("ours_eq" if eq else "ours"), [
+        *_common(args), "--calib-weights", str(calibrated_path(out, args.method_calibrator, eq)), "--data-root",
+        str(args.train_images), "--rerank", args.rerank, "--rerank-pool", str(args.rerank_pool), "--proxy-images",
+        str(args.proxy_images), "--target-drop", str(args.target_drop), *_search_sets(args)])
+    calibrated_row = f"int8 {args.method_calibrator}" + (f" + {eq_label(args)}" if eq else "")
+    calib_s = rows[calibrated_row]["calibration_s"]
+    name = f"ours ({args.method_calibrator}{' + ' + eq_label(args) if eq else ''}, re-ranked by {args.rerank}, " \
+           f"drop {args.target_drop})"
     search = partial["search"]
     row = _partial_row(partial, calibration_s=calib_s, search_s=partial["seconds"],
                        total_min=round((calib_s + partial["seconds"]) / 60, 1),
@@ -358,12 +412,20 @@ def run_qat(args: argparse.Namespace, folder: Path, weights: Path) -> dict[str, 
                          lambda a: train.main(train.get_args_parser().parse_args(a)))
 
 
-def qat_rows(args: argparse.Namespace, out: Path, val: CocoDetection, our_partial: dict[str, Any]) -> dict:
-    """Fine-tuned full INT8 and fine-tuned ours, each with its Q/DQ ONNX on ONNX Runtime."""
+def qat_rows(args: argparse.Namespace, out: Path, val: CocoDetection, partials: dict[str, dict[str, Any]]) -> dict:
+    """Fine-tuned models (--qat-from: full INT8 and ours, plain or equalized), each with its Q/DQ ONNX on ONNX
+    Runtime."""
     rows = {}
-    for name, folder, weights in (("full INT8", out / "qat_full", out / f"calibrated_{args.method_calibrator}.pt"),
-                                  ("ours", out / "qat_ours", Path(our_partial["checkpoint"]))):
-        qat = run_qat(args, folder, weights)
+    eq = f" + {eq_label(args)}"
+    starts = {"full": ("full INT8", out / "qat_full", calibrated_path(out, args.method_calibrator)),
+              "ours": ("ours", out / "qat_ours", partials.get("ours")),
+              "full-eq": (f"full INT8{eq}", out / "qat_full_eq", calibrated_path(out, args.method_calibrator, True)),
+              "ours-eq": (f"ours{eq}", out / "qat_ours_eq", partials.get("ours-eq"))}
+    for start in args.qat_from:
+        name, folder, weights = starts[start]
+        if weights is None or (start.endswith("-eq") and equalized(args) is None):
+            continue
+        qat = run_qat(args, folder, Path(weights))
         epochs = f"{args.qat_epochs} epoch{'s' if args.qat_epochs > 1 else ''}"
         label = f"QAT {name} ({epochs}{', learned amax' if args.qat_learn_amax else ''})"
         rows[label] = {**qat["after"]["map"], "int8_layers": qat["int8_layers"], "total_layers": qat["total_layers"],
@@ -414,12 +476,12 @@ def proxy_quality(args: argparse.Namespace, out: Path) -> dict[str, dict[str, An
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'model':<58} {'mAP50:95':>9} {'mAP50':>7} {'INT8 layers':>12} {'seconds':>8}"]
+    lines = [f"{'model':<72} {'mAP50:95':>9} {'mAP50':>7} {'INT8 layers':>12} {'seconds':>8}"]
     for name, r in rows.items():
         if "mAP50_95" not in r:
             continue
         int8 = f"{r['int8_layers']}/{r['total_layers']}" if "int8_layers" in r else "-"
-        lines.append(f"{name:<58} {r['mAP50_95']:>9.4f} {r.get('mAP50', float('nan')):>7.4f} {int8:>12} "
+        lines.append(f"{name:<72} {r['mAP50_95']:>9.4f} {r.get('mAP50', float('nan')):>7.4f} {int8:>12} "
                      f"{r.get('seconds', r.get('search_s', r.get('qat_s', float('nan')))):>8.1f}")
     return "\n".join(lines)
 
@@ -450,17 +512,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
     ours, our_partial = our_rows(args, out, rows)  # ours first: it is the shorter search
     rows.update(ours)
+    partials = {"ours": our_partial["checkpoint"]}
+    if equalized(args) is not None:
+        ours_eq, our_eq_partial = our_rows(args, out, rows, eq=True)
+        rows.update(ours_eq)
+        partials["ours-eq"] = our_eq_partial["checkpoint"]
     write_json(out / "rows_so_far.json", rows)
-    seed, seed_partial = seed_rows(args, out)
-    rows.update(seed)
-    rows.update(same_count_row(args, out, len(our_partial["float_layers"])))
-    write_json(out / "rows_so_far.json", rows)
+    if not args.no_seed:
+        seed, seed_partial = seed_rows(args, out)
+        rows.update(seed)
+        rows.update(same_count_row(args, out, len(our_partial["float_layers"])))
+        write_json(out / "rows_so_far.json", rows)
     if not args.no_onnx:
-        rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "partial", val, seed_partial)
+        if not args.no_seed:
+            rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "partial", val, seed_partial)
         rows["ours Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours", val, our_partial)
+        if "ours-eq" in partials:
+            rows[f"ours + {eq_label(args)} Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours_eq", val,
+                                                                               our_eq_partial)
     write_json(out / "rows_so_far.json", rows)
     if not args.no_qat:
-        rows.update(qat_rows(args, out, val, our_partial))
+        rows.update(qat_rows(args, out, val, partials))
         write_json(out / "rows_so_far.json", rows)
     quality = {} if args.no_proxy_quality else proxy_quality(args, out)
     print(format_table(rows), flush=True)

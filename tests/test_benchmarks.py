@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import SIZE, load_script
 from utils.cli import run_cli
+from utils.quant import calibration
 from utils.sensitivity.metrics import METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,20 +75,28 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
          "8", "--workers", "0", "--calibrators", "max", "percentile-99.99", "--partial-calibrator", "max",
          "--method-calibrator", "percentile-99.99", "--proxy-images", "4", "--target-drop", "1.0",
          "--layers", *LAYERS[:2], "--output-dir", str(tmp_path / "out"), "--json", str(tmp_path / "bench.json"),
-         "--no-progress", "--qat-epochs", "1", "--qat-lr", "1e-5"])
+         "--no-progress", "--qat-epochs", "1", "--qat-lr", "1e-5", "--equalize", "all", "--equalize-alpha", "0.5",
+         "--qat-from", "full", "ours", "full-eq"])
     bench.main(args)
     result = json.loads((tmp_path / "bench.json").read_text())
     rows, quality = result["rows"], result["proxy_quality"]
     ours = "ours (percentile-99.99, re-ranked by sqnr, drop 1.0)"
-    assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", ours, "seed partial (max, drop 1.0)",
+    ours_eq = "ours (percentile-99.99 + eq all a0.5, re-ranked by sqnr, drop 1.0)"
+    qat_eq = "QAT full INT8 + eq all a0.5 (1 epoch, learned amax)"
+    assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", "int8 max + eq all a0.5",
+                          "int8 percentile-99.99 + eq all a0.5", ours, ours_eq, "seed partial (max, drop 1.0)",
                           "seed ranking, 0 most sensitive float", "seed partial Q/DQ ONNX (ORT)",
-                          "ours Q/DQ ONNX (ORT)", "QAT full INT8 (1 epoch, learned amax)",
+                          "ours Q/DQ ONNX (ORT)", "ours + eq all a0.5 Q/DQ ONNX (ORT)",
+                          "QAT full INT8 (1 epoch, learned amax)",
                           "QAT full INT8 (1 epoch, learned amax) Q/DQ ONNX (ORT)", "QAT ours (1 epoch, learned amax)",
-                          "QAT ours (1 epoch, learned amax) Q/DQ ONNX (ORT)"]
+                          "QAT ours (1 epoch, learned amax) Q/DQ ONNX (ORT)", qat_eq, f"{qat_eq} Q/DQ ONNX (ORT)"]
+    assert rows["int8 max + eq all a0.5"]["transform"]["equalize"]["layers"] > 0
+    assert calibration.load_calibrated(tmp_path / "out" / "calibrated_percentile-99.99_eq.pt").quant_transform
     qat = rows["QAT full INT8 (1 epoch, learned amax)"]
     assert qat["int8_layers"] == qat["total_layers"] and qat["loss_after"] < qat["loss_before"]
     partial = rows["seed partial (max, drop 1.0)"]
-    assert partial["int8_layers"] == partial["total_layers"] and partial["mAP50_95"] == rows["int8 max"]["mAP50_95"]
+    # drop 1.0: the seed's search stops at its first evaluation, full INT8 (amax shared, so not the "int8 max" row)
+    assert partial["int8_layers"] == partial["total_layers"] and partial["evaluations"] == 1
     # drop 1.0: full INT8 (input amax shared for TensorRT) is within budget after one evaluation
     assert rows[ours]["int8_layers"] == rows[ours]["total_layers"] and rows[ours]["evaluations"] == 1
     assert (tmp_path / "out" / "ranking" / "sensitivity_map.json").is_file()
@@ -132,3 +141,25 @@ def test_gpu_check_compares_two_devices(tiny_checkpoint, tiny_val, tmp_path, cap
     assert [r["device"] for r in saved["runs"]] == ["cpu", "cpu"]
     assert all(r["seconds"]["calibration_and_ranking"] > 0 for r in saved["runs"])
     assert "PASS  map_int8_abs_diff" in capsys.readouterr().out
+
+
+def test_equalization_benchmark_chooses_on_train_and_reports_val(tiny_checkpoint, tiny_val, tmp_path, capsys):
+    bench = load_script("benchmarks/equalization_benchmark.py")
+    args = bench.get_args_parser().parse_args(
+        ["--weights", str(tiny_checkpoint), "--val-data", tiny_val["json"], "--val-images", tiny_val["images"],
+         "--train-data", tiny_val["json"], "--train-images", tiny_val["images"], "--img-size", str(SIZE),
+         "--batch-size", "4", "--calib-images", "8", "--workers", "0", "--settings", "p99.99", "p99.99 all a0.5",
+         "--output-dir", str(tmp_path / "out"), "--json", str(tmp_path / "eq.json"), "--no-progress"])
+    result = bench.main(args)
+    table = json.loads((tmp_path / "eq.json").read_text())
+    rows = table["rows"]
+    assert list(rows) == ["float", "p99.99", "p99.99 all a0.5"]
+    best = max(["p99.99", "p99.99 all a0.5"], key=lambda n: rows[n]["train"]["mAP50_95"])
+    assert table["best_on_train"] == result["best_on_train"] == best
+    assert rows["p99.99 all a0.5"]["transform"]["equalize"]["layers"] > 0 and rows["p99.99"]["transform"] == {}
+    for name in ("p99.99", "p99.99 all a0.5"):
+        assert rows[name]["val_drop"] == round(rows["float"]["val"]["mAP50_95"] - rows[name]["val"]["mAP50_95"], 4)
+    assert "<- best on train" in capsys.readouterr().out
+    mtime = (tmp_path / "out" / "rows_so_far.json").stat().st_mtime_ns
+    bench.main(args)  # finished settings are reused
+    assert (tmp_path / "out" / "rows_so_far.json").stat().st_mtime_ns == mtime
