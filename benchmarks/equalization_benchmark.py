@@ -175,7 +175,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _logger.info("setting %s", name)
         rows[name] = {"key": key, **run_setting(args, name, sets, device)}
         write_json(finished_path, {**finished, **rows})
-    for name, row in rows.items():
+    for row in rows.values():
         for split in ("train", "val"):
             row[f"{split}_drop"] = round(rows["float"][split]["mAP50_95"] - row[split]["mAP50_95"], 4)
     settings = [n for n in rows if n != "float"]
