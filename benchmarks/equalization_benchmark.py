@@ -17,38 +17,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-# benchmarks/ is not a package: make the repository root importable when run as a script.
+# benchmarks/ is not a package: make the repository root (and this folder, for the shared set arguments) importable.
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
+for _path in (_REPO_ROOT, _REPO_ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
+from real_coco_benchmark import add_real_set_arguments, check_real_sets  # noqa: E402
 
 from models import load_model  # noqa: E402
-from utils.cli import (  # noqa: E402
-    ArgumentParser,
-    add_device_argument,
-    args_dict,
-    img_size,
-    non_negative_int,
-    positive_int,
-    resolve_device,
-    run_cli,
-    write_json,
-)
+from utils.cli import ArgumentParser, args_dict, positive_int, resolve_device, run_cli, write_json  # noqa: E402
 from utils.data.calibration import calibration_loader  # noqa: E402
 from utils.data.coco import CocoDetection  # noqa: E402
-from utils.errors import InputError  # noqa: E402
 from utils.fileio import ensure_folder  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
 
 _logger = logging.getLogger("equalization_benchmark")
-SHARED = _REPO_ROOT.parent / "shared" / "fixtures"
-DEFAULTS = {"weights": SHARED / "yolov6lite-coco" / "yolov6lite_s_coco_fused.pt",
-            "val_data": SHARED / "coco-real" / "instances_val.json", "val_images": SHARED / "coco-real" / "val",
-            "train_data": SHARED / "coco-real" / "instances_train.json", "train_images": SHARED / "coco-real" / "train"}
 # name -> (calibrator, calibrator percentile, equalize, alpha, range percentile, bias correction)
 GRID = {
     "p99.9": ("percentile", 99.9, "none", 1.0, 99.99, False),
@@ -67,29 +54,11 @@ GRID = {
 }
 
 
-def _default(key: str) -> str | None:
-    return str(DEFAULTS[key]) if DEFAULTS[key].exists() else None
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
-    model = parser.add_argument_group("model")
-    model.add_argument("--weights", default=_default("weights"), metavar="FILE",
-                       help="YOLOv6 checkpoint (default: ../shared's real YOLOv6Lite-S when present)")
-    add_device_argument(model)
-    data = parser.add_argument_group("data (defaults: ../shared/fixtures/coco-real when present)")
-    data.add_argument("--val-data", default=_default("val_data"), metavar="JSON", help="report set annotations")
-    data.add_argument("--val-images", default=_default("val_images"), metavar="DIR", help="report set images")
-    data.add_argument("--train-data", default=_default("train_data"), metavar="JSON", help="choice set annotations")
-    data.add_argument("--train-images", default=_default("train_images"), metavar="DIR",
-                      help="choice set and calibration images")
-    data.add_argument("--img-size", type=img_size, default=320, metavar="N", help="letterbox size")
-    data.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch")
-    data.add_argument("--calib-images", type=positive_int, default=128, metavar="N",
-                      help="calibrate on the first N train images (a multiple of --batch-size is used whole)")
-    data.add_argument("--max-images", type=positive_int, default=None, metavar="N",
-                      help="evaluate the first N images of each set (default: all)")
-    data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
+    add_real_set_arguments(parser)
+    parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
+                        help="evaluate the first N images of each set (default: all)")
     run = parser.add_argument_group("run")
     run.add_argument("--settings", nargs="+", choices=list(GRID), default=list(GRID), metavar="S",
                      help=f"grid rows to run ({'; '.join(GRID)})")
@@ -101,14 +70,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
-
-
-def check_args(args: argparse.Namespace) -> None:
-    missing = [f"--{k.replace('_', '-')}" for k in ("weights", "val_data", "val_images", "train_data",
-                                                     "train_images") if getattr(args, k) is None]
-    if missing:
-        raise InputError(f"pass {', '.join(missing)}: ../shared/fixtures is not beside this repository, so there "
-                         "are no default real sets")
 
 
 def _settings_key(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -149,7 +110,7 @@ def format_table(rows: dict[str, dict[str, Any]], best: str | None) -> str:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    check_args(args)
+    check_real_sets(args)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     out = Path(args.output_dir)

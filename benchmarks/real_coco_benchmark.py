@@ -93,8 +93,8 @@ def _default(key: str) -> str | None:
     return str(DEFAULTS[key]) if DEFAULTS[key].exists() else None
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__)
+def add_real_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint, device, report / choice sets and calibration arguments of the real-data benchmarks."""
     model = parser.add_argument_group("model")
     model.add_argument("--weights", default=_default("weights"), metavar="FILE",
                        help="YOLOv6 checkpoint (default: ../shared's real YOLOv6Lite-S when present)")
@@ -111,6 +111,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--calib-images", type=positive_int, default=128, metavar="N",
                       help="calibrate on the first N train images (a multiple of --batch-size is used whole)")
     data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
+
+
+def check_real_sets(args: argparse.Namespace) -> None:
+    missing = [f"--{k.replace('_', '-')}" for k in ("weights", "val_data", "val_images", "train_data",
+                                                     "train_images") if getattr(args, k) is None]
+    if missing:
+        raise InputError(f"pass {', '.join(missing)}: ../shared/fixtures is not beside this repository, so there "
+                         "are no default real sets")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
+    add_real_set_arguments(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--calibrators", nargs="+", choices=list(CALIBRATORS), default=list(CALIBRATORS), metavar="C",
                      help=f"full-INT8 rows ({', '.join(CALIBRATORS)})")
@@ -136,6 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="the equalized rows also correct biases")
     run.add_argument("--no-seed", action="store_true",
                      help="skip the seed's ranking and search (over an hour on 2 cores) and its rows")
+    run.add_argument("--ours-from", nargs="+", choices=("plain", "eq"), default=["plain", "eq"], metavar="S",
+                     help="our search from the plain and/or the equalized --method-calibrator calibration")
     run.add_argument("--qat-from", nargs="+", choices=QAT_STARTS, default=list(QAT_STARTS), metavar="S",
                      help=f"fine-tuning rows: from which models ({', '.join(QAT_STARTS)}; eq ones need --equalize)")
     run.add_argument("--qat-epochs", type=positive_int, default=20, metavar="N", help="fine-tuning epochs")
@@ -157,11 +172,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    missing = [f"--{k.replace('_', '-')}" for k in ("weights", "val_data", "val_images", "train_data",
-                                                     "train_images") if getattr(args, k) is None]
-    if missing:
-        raise InputError(f"pass {', '.join(missing)}: ../shared/fixtures is not beside this repository, so there "
-                         "are no default real sets")
+    check_real_sets(args)
     if not 0 <= args.target_drop <= 1:
         raise InputError(f"--target-drop must be between 0 and 1 (mAP is a fraction), got {args.target_drop}")
     equalized(args)  # bad --equalize-alpha / --equalize-percentile: one line before anything runs
@@ -510,10 +521,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     rows = {"float": {**_maps(fp), "seconds": round(time.perf_counter() - start, 1)}}
     rows.update(full_int8_rows(args, val, device, out))
     write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
-    ours, our_partial = our_rows(args, out, rows)  # ours first: it is the shorter search
-    rows.update(ours)
-    partials = {"ours": our_partial["checkpoint"]}
-    if equalized(args) is not None:
+    partials, our_partial = {}, None
+    if "plain" in args.ours_from or not args.no_seed:  # the seed's same-count row needs ours' float count
+        ours, our_partial = our_rows(args, out, rows)  # ours first: it is the shorter search
+        rows.update(ours)
+        partials["ours"] = our_partial["checkpoint"]
+    if equalized(args) is not None and "eq" in args.ours_from:
         ours_eq, our_eq_partial = our_rows(args, out, rows, eq=True)
         rows.update(ours_eq)
         partials["ours-eq"] = our_eq_partial["checkpoint"]
@@ -526,7 +539,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_onnx:
         if not args.no_seed:
             rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "partial", val, seed_partial)
-        rows["ours Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours", val, our_partial)
+        if our_partial is not None:
+            rows["ours Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours", val, our_partial)
         if "ours-eq" in partials:
             rows[f"ours + {eq_label(args)} Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours_eq", val,
                                                                                our_eq_partial)

@@ -33,6 +33,7 @@ from utils.quant.quantizers import (
     METHODS,
     check_calib_method,
     float_layers,
+    float_pass,
     insert_quantizers,
     layer_quantizers,
     quant_layers,
@@ -482,7 +483,7 @@ def _equalized_and_calibrated(model: nn.Module, qmodel: nn.Module, batches: list
     if transform.equalize != "auto":
         return build(transform.equalize, qmodel)
     images = _first_images(batches, transform.auto_images)
-    with eq.float_pass(qmodel.to(device)), torch.no_grad():
+    with float_pass(qmodel.to(device)), torch.no_grad():
         refs = [qmodel.eval()(x) for x in images]
     untouched, scores, best = copy.deepcopy(qmodel), {}, {}
     for setting in ("none", "depthwise", "all"):

@@ -23,11 +23,10 @@ calibrated checkpoint rebuilds the same model.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,8 +36,8 @@ from tqdm import tqdm
 
 from utils.data.coco import readable_images
 from utils.errors import InputError
-from utils.quant.compat import TensorQuantizer, quant_nn, quiet_library_logs
-from utils.quant.quantizers import quant_layers
+from utils.quant.compat import quant_nn
+from utils.quant.quantizers import float_pass, quant_layers
 
 _logger = logging.getLogger(__name__)
 
@@ -76,21 +75,6 @@ def kinds_of(setting: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-@contextlib.contextmanager
-def float_pass(model: nn.Module) -> Iterator[None]:
-    """Every quantizer off within the block (the float function), states restored afterwards."""
-    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    saved = [q._disabled for q in quantizers]
-    for q in quantizers:
-        q.disable()
-    try:
-        with quiet_library_logs():
-            yield
-    finally:
-        for q, disabled in zip(quantizers, saved, strict=True):
-            q._disabled = disabled
-
-
 def _per_channel_abs(x: torch.Tensor) -> torch.Tensor:
     """|x| as [C, everything else]."""
     return x.detach().abs().transpose(0, 1).reshape(x.shape[1], -1).float()
@@ -226,7 +210,8 @@ def foldable_producers(model: nn.Module, layers: Iterable[str], img_size: int = 
     handles = [all_layers[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         first = next(m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))  # image channels
-        image = torch.zeros(1, first.in_channels, img_size, img_size, device=first.weight.device)
+        image = torch.zeros(1, first.in_channels, img_size, img_size, device=first.weight.device,
+                            dtype=first.weight.dtype)
         with float_pass(model), torch.no_grad(), flow:
             model.eval()(image)
     finally:

@@ -221,6 +221,22 @@ def float_layers(model: nn.Module) -> list[str]:
     return [name for name, layer in quant_layers(model).items() if not _is_enabled(layer)]
 
 
+@contextlib.contextmanager
+def float_pass(model: nn.Module) -> Iterator[None]:
+    """Within the block every quantizer of ``model`` is off (the float function; an uncalibrated model runs too);
+    their on/off states are restored afterwards."""
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    saved = [q._disabled for q in quantizers]
+    for q in quantizers:
+        q.disable()
+    try:
+        with quiet_library_logs():
+            yield
+    finally:
+        for q, disabled in zip(quantizers, saved, strict=True):
+            q._disabled = disabled
+
+
 # ----------------------------------------------------------------------------------------------------- export
 @contextlib.contextmanager
 def fb_fake_quant() -> Iterator[None]:

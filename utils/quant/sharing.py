@@ -9,9 +9,8 @@ the largest calibrated amax among the group's layers that run INT8.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,8 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from utils.quant.calibration import quantizer_state
-from utils.quant.compat import TensorQuantizer, quiet_library_logs
-from utils.quant.quantizers import float_layers, quant_layers
+from utils.quant.quantizers import float_layers, float_pass, quant_layers
 
 _logger = logging.getLogger(__name__)
 
@@ -79,20 +77,6 @@ class _ScaleFlow(TorchFunctionMode):
         return out
 
 
-@contextlib.contextmanager
-def _all_disabled(model: nn.Module) -> Iterator[None]:
-    """Quantizers off (an uncalibrated model traces too), restored afterwards."""
-    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    saved = [q._disabled for q in quantizers]
-    for q in quantizers:
-        q.disable()
-    try:
-        yield
-    finally:
-        for q, disabled in zip(quantizers, saved):
-            q._disabled = disabled
-
-
 @torch.no_grad()
 def trace_sharing_groups(model: nn.Module, img_size: int = 64) -> list[list[str]]:
     """Groups (of two or more) of quantized layers whose input quantizers must share one amax, in model order.
@@ -112,7 +96,7 @@ def trace_sharing_groups(model: nn.Module, img_size: int = 64) -> list[list[str]
         handles.append(getattr(layer, INPUT_QUANTIZER).register_forward_hook(hook))
     try:
         image = torch.zeros(1, 3, img_size, img_size, device=next(model.parameters()).device)
-        with _all_disabled(model), quiet_library_logs(), _ScaleFlow(flow):
+        with float_pass(model), _ScaleFlow(flow):
             model.eval()(image)
     finally:
         for handle in handles:
