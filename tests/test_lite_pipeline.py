@@ -114,7 +114,7 @@ def test_train_runs_a_lite_config(real, tmp_path):
     assert (tmp_path / "train" / "last.pt").is_file() and 0 <= result["mAP50_95"] <= 1
 
 
-def test_equalized_pipeline_on_lite(real, tmp_path):
+def test_equalized_pipeline_on_lite(real, tmp_path, capsys):
     """--equalize / --bias-correction from calibration to the Q/DQ ONNX and fine-tuning: every script carries the
     transform (calibrated.pt -> partial.pt -> ONNX multiplies -> qat.pt)."""
     from utils.quant import calibration, equalize
@@ -132,6 +132,11 @@ def test_equalized_pipeline_on_lite(real, tmp_path):
                                     "--data", real["val"]["json"], "--images", real["val"]["images"], "--img-size",
                                     str(SIZE), "--batch-size", "4", "--workers", "0", "--no-progress", "--eval-onnx",
                                     "--output-dir", str(tmp_path / "partial")])
+    summary = capsys.readouterr().out
+    assert "inputs of 42 depthwise convs equalized" in summary and "bias corrected on" in summary
+    report = json.loads((tmp_path / "partial" / "partial_quant.json").read_text())
+    assert report["calibration"]["transform"]["equalize"]["multiplies"] + \
+        report["calibration"]["transform"]["equalize"]["folded"] == 42
     record = json.loads(Path(partial["onnx"]).with_suffix(".json").read_text())
     model = calibration.load_calibrated(tmp_path / "partial" / "partial.pt")
     int8_scaled = {n for n, m in equalize.equalized_layers(model).items() if n not in quant.float_layers(model)}

@@ -29,6 +29,20 @@ def summary(fp_map: float | None, ptq_map: float | None, partial_map: float | No
             "sharing": model.sharing, "calibration": calibration, "args": args or {}}
 
 
+def describe_calibration(record: dict[str, Any]) -> str:
+    """One line: calibrator and what was done around it (equalization, bias correction)."""
+    method = record.get("method", "?")
+    text = f"{method} {record['percentile']:g}" if "percentile" in record else str(method)
+    eq = (record.get("transform") or {}).get("equalize")
+    if eq and eq.get("layers"):
+        text += (f", inputs of {eq['layers']} {'/'.join(eq['kinds'])} convs equalized (alpha {eq['alpha']:g}, "
+                 f"range p{eq['percentile']:g}; {eq['folded']} folded into their producer, {eq['multiplies']} "
+                 f"as a multiply)")
+    if (record.get("transform") or {}).get("bias_correction"):
+        text += f", bias corrected on {record['transform']['bias_correction']['layers']} layers"
+    return text + (f" ({record['source']})" if record.get("source") not in (None, "calibrated") else "")
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """The table printed at the end of partial_quant.py."""
     fp = report["fp_map"]
@@ -52,6 +66,7 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"{'partial Q/DQ ONNX (ORT)':<26} {report['onnx_map']:>9.4f} {fp - report['onnx_map']:>8.4f}")
     lines.append(f"INT8 layers {report['int8_layers']}/{report['total_layers']} ({report['rule']}); float: "
                  f"{', '.join(report['float_layers']) or 'none'}")
+    lines.append(f"calibration: {describe_calibration(report.get('calibration') or {})}")
     if "onnx" in report:
         lines.append(f"ONNX: {report['onnx']} (max |ORT - PyTorch| {report['onnx_max_abs_diff']:.3g})")
         lines.append(f"build the TensorRT engine on a GPU machine: {report['build']}")
