@@ -236,3 +236,31 @@ def test_auto_keeps_the_setting_closest_to_float(lite, tiny_val):
 def test_bad_settings_are_refused(bad):
     with pytest.raises(InputError):
         calibration.TransformSettings(**bad)
+
+
+@pytest.mark.parametrize("fixture", ["yolov6n_v3_official_random.pt", "yolov6n_reopt_v2_official_random.pt",
+                                     "yolov6lite_m_official_random.pt"])
+def test_official_release_files_keep_their_float_function(fixture):
+    """YOLOv6's own checkpoint formats (random weights: correctness only; what equalization buys on a trained v3
+    model cannot be measured without real v3 weights): every conv equalized, float64 outputs unchanged."""
+    model = load_model(shared_fixture(SHARED_FIXTURES / "yolov6-official" / fixture)).double()
+    x = images(2, seed=4, size=128).double()
+    qmodel = quant.quantize_model(model)
+    record = equalize.equalize(qmodel, [images(2, seed=5, size=128).double()], equalize.KINDS, alpha=0.5)
+    assert len(record["scales"]) == sum(equalize.layer_kind(m) is not None for m in quant.quant_layers(qmodel).values())
+    if "lite" not in fixture:  # RepVGG blocks end in ReLU: most inputs fold into their producer
+        assert len(record["folded"]) > len(record["scales"]) // 3
+    with torch.no_grad():
+        assert _relative(model(x), _float_outputs(qmodel, x)) < 1e-9
+
+
+def test_an_equalized_input_leaves_its_sharing_group(lite):
+    from utils.quant.sharing import trace_sharing_groups
+
+    qmodel = quant.quantize_model(lite)
+    pair = {"backbone.lite_effiblock_2.0.conv_dw_1.block.conv", "backbone.lite_effiblock_2.0.conv_pw_2.block.conv"}
+    assert any(pair <= set(group) for group in trace_sharing_groups(qmodel, img_size=128))  # one tensor, two readers
+    equalize.equalize(qmodel, [images(2, seed=3, size=128)], ("depthwise",))
+    groups = trace_sharing_groups(qmodel, img_size=128)
+    # the depthwise reader now quantizes x / s, another tensor: no scale to agree on
+    assert not any("backbone.lite_effiblock_2.0.conv_dw_1.block.conv" in group for group in groups)
