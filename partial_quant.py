@@ -47,7 +47,8 @@ from utils.inference.evaluate import evaluate
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner
 from utils.quant import calibration
 from utils.quant import quantizers as quant
-from utils.quant.calibration import TransformSettings, add_transform_arguments, calibrated_model
+from utils.quant.calibration import calibrated_model
+from utils.quant.equalize import TransformSettings, add_transform_arguments
 from utils.sensitivity.metrics import PROXY_METHODS
 from utils.sensitivity.probes import ProxyProbe
 from utils.sensitivity.report import read_ranking

@@ -34,7 +34,8 @@ from utils.errors import InputError
 from utils.fileio import file_sha256
 from utils.quant import calibration
 from utils.quant import quantizers as quant
-from utils.quant.calibration import TransformSettings, add_transform_arguments, calibrated_model
+from utils.quant.calibration import calibrated_model
+from utils.quant.equalize import TransformSettings, add_transform_arguments
 from utils.sensitivity import analyse, distributed
 from utils.sensitivity.metrics import DIRECTIONS, METHODS
 from utils.sensitivity.probes import MapProbe, ProxyProbe, select_layers

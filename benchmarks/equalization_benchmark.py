@@ -34,6 +34,7 @@ from utils.fileio import ensure_folder  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
+from utils.quant.equalize import TransformSettings  # noqa: E402
 
 _logger = logging.getLogger("equalization_benchmark")
 # name -> (calibrator, calibrator percentile, equalize, alpha, range percentile, bias correction)
@@ -92,7 +93,7 @@ def run_setting(args: argparse.Namespace, name: str, sets: dict[str, CocoDetecti
     qmodel, record = calibration.calibrated_model(
         load_model(args.weights), loader=loader, batch_number=batch_number, calib_method=method,
         percentile=percentile or 99.99, device=device, entropy_stride=args.entropy_stride if method == "auto" else 1,
-        transform=calibration.TransformSettings(setting, alpha, range_percentile, bias))
+        transform=TransformSettings(setting, alpha, range_percentile, bias))
     row: dict[str, Any] = {"calibration_s": round(time.perf_counter() - start, 1),
                            "transform": record.get("transform", {})}
     for split, dataset in sets.items():

@@ -71,6 +71,7 @@ from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
 from utils.quant.equalize import CHOICES as EQUALIZE_CHOICES  # noqa: E402
+from utils.quant.equalize import TransformSettings  # noqa: E402
 from utils.sensitivity.agreement import sensitivity_scores, spearman, top_k_overlap  # noqa: E402
 from utils.sensitivity.metrics import DIRECTIONS, PROXY_METHODS, key_column  # noqa: E402
 
@@ -195,11 +196,11 @@ def _finished_rows(out: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def equalized(args: argparse.Namespace) -> calibration.TransformSettings | None:
+def equalized(args: argparse.Namespace) -> TransformSettings | None:
     """The equalized rows' transform (None: no equalized rows)."""
     if args.equalize == "none" and not args.bias_correction:
         return None
-    return calibration.TransformSettings(args.equalize, args.equalize_alpha, args.equalize_percentile,
+    return TransformSettings(args.equalize, args.equalize_alpha, args.equalize_percentile,
                                          args.bias_correction)
 
 
@@ -209,7 +210,7 @@ def eq_label(args: argparse.Namespace) -> str:
     return " + ".join(parts + (["bias corr."] if args.bias_correction else []))
 
 
-def _calibration_variants(args: argparse.Namespace) -> list[tuple[str, str, calibration.TransformSettings | None]]:
+def _calibration_variants(args: argparse.Namespace) -> list[tuple[str, str, TransformSettings | None]]:
     """(row name, calibrator, transform) of every full-INT8 row and saved calibration, plain rows first."""
     names = list(dict.fromkeys(args.calibrators + [args.partial_calibrator, args.method_calibrator]))
     variants = [(f"int8 {name}", name, None) for name in names]

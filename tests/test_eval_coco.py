@@ -191,11 +191,12 @@ def test_a_calibrated_checkpoint_is_evaluated_fake_quantized(synthetic, tmp_path
     from utils.data.calibration import calibration_loader
     from utils.inference.runners import TorchRunner
     from utils.quant import calibration
+    from utils.quant.equalize import TransformSettings
 
     bundled = REPO / "assets" / "yolov6n_synthetic.pt"  # trained: its mAP is far from zero
     loader = calibration_loader(synthetic["images"], IMG_SIZE, 4, 2, workers=0)
     qmodel, _ = calibration.calibrated_model(load_model(bundled), loader=loader, batch_number=2, num_bits=4,
-                                             transform=calibration.TransformSettings("all", alpha=0.5))
+                                             transform=TransformSettings("all", alpha=0.5))
     path = calibration.save_calibrated(tmp_path / "calibrated.pt", qmodel)
     dataset = CocoDetection(synthetic["json"], synthetic["images"], img_size=IMG_SIZE)
     expected_int = evaluate(TorchRunner(qmodel), dataset, batch_size=8, workers=0, progress=False)["mAP50_95"]

@@ -340,7 +340,8 @@ def test_qdq_summary_of_a_quantized_export(models):
     assert summary == {
         "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
         "quantized_conv": ops.count("Conv"), "float_conv": 0, "conv_weight_axes": [0],
-        "quantized_conv_transpose": 2, "float_conv_transpose": 0, "conv_transpose_weight_axes": [0]}
+        "quantized_conv_transpose": 2, "float_conv_transpose": 0, "conv_transpose_weight_axes": [0],
+        "input_scale_mul": 0}
     assert summary["quantize_linear"] == summary["dequantize_linear"] > 0
 
 
@@ -349,7 +350,7 @@ def test_qdq_summary_of_a_float_export(models):
     assert og.qdq_summary(models["fp32"]) == {
         "quantize_linear": 0, "dequantize_linear": 0, "quantized_conv": 0, "float_conv": ops.count("Conv"),
         "conv_weight_axes": [], "quantized_conv_transpose": 0, "float_conv_transpose": 2,
-        "conv_transpose_weight_axes": []}
+        "conv_transpose_weight_axes": [], "input_scale_mul": 0}
 
 
 def test_qdq_summary_counts_a_float_fallback_layer(tmp_path):

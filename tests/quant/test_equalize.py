@@ -191,7 +191,7 @@ def test_bias_correction_removes_each_layers_mean_output_shift(yolov6n):
 # ----------------------------------------------------------------------------------------- checkpoints
 def _calibrated_equalized(model: nn.Module, folder, bias_correction: bool = False):
     loader = calibration_loader(folder, 64, 2, 2, workers=0)
-    settings = calibration.TransformSettings("all", alpha=0.5, bias_correction=bias_correction)
+    settings = equalize.TransformSettings("all", alpha=0.5, bias_correction=bias_correction)
     return calibration.calibrated_model(model, loader=loader, batch_number=2, transform=settings)
 
 
@@ -218,13 +218,13 @@ def test_another_models_equalized_file_is_refused(lite, tiny_val, tmp_path):
     with pytest.raises(InputError, match="another model"):
         calibration.calibrated_model(deployed("yolov6n"), calib_weights=path)
     with pytest.raises(InputError, match="brings its own"):
-        calibration.calibrated_model(lite, calib_weights=path, transform=calibration.TransformSettings("depthwise"))
+        calibration.calibrated_model(lite, calib_weights=path, transform=equalize.TransformSettings("depthwise"))
 
 
 def test_auto_keeps_the_setting_closest_to_float(lite, tiny_val):
     loader = calibration_loader(tiny_val["images"], 64, 2, 2, workers=0)
     qmodel, record = calibration.calibrated_model(lite, loader=loader, batch_number=2,
-                                                  transform=calibration.TransformSettings("auto", alpha=0.5))
+                                                  transform=equalize.TransformSettings("auto", alpha=0.5))
     chosen = qmodel.quant_transform["equalize"]["selected_by"]
     assert set(chosen["scores"]) == {"none", "depthwise", "all"}
     assert chosen["setting"] == max(chosen["scores"], key=chosen["scores"].get)
@@ -235,7 +235,7 @@ def test_auto_keeps_the_setting_closest_to_float(lite, tiny_val):
 @pytest.mark.parametrize("bad", [{"equalize": "everything"}, {"alpha": 1.5}, {"percentile": 0.0}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(InputError):
-        calibration.TransformSettings(**bad)
+        equalize.TransformSettings(**bad)
 
 
 @pytest.mark.parametrize("fixture", ["yolov6n_v3_official_random.pt", "yolov6n_reopt_v2_official_random.pt",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import itertools
 import logging
@@ -424,50 +423,9 @@ def load_calibrated(path: str | Path, device: str | torch.device = "cpu") -> nn.
 
 
 # -------------------------------------------------------------------------------------------- calibrated model
-@dataclasses.dataclass(frozen=True)
-class TransformSettings:
-    """What happens to the quantized model around calibration: input equalization (``equalize``: none, depthwise,
-    all or auto; ``alpha``, ``percentile``: utils.quant.equalize.equalize) before it, bias correction after it."""
-
-    equalize: str = "none"
-    alpha: float = 1.0
-    percentile: float = 99.99
-    bias_correction: bool = False
-    auto_images: int = 16  # equalize=auto: images its head-SQNR criterion is measured on
-
-    def __post_init__(self) -> None:
-        eq.kinds_of(self.equalize)
-        eq.check_settings((), self.alpha, self.percentile)
-
-    @property
-    def active(self) -> bool:
-        return self.equalize != "none" or self.bias_correction
-
-    @classmethod
-    def from_args(cls, args: Any) -> TransformSettings:
-        return cls(args.equalize, args.equalize_alpha, args.equalize_percentile, args.bias_correction)
-
-
-def add_transform_arguments(group: Any) -> None:
-    """The --equalize / --bias-correction options of every script that calibrates."""
-    group.add_argument("--equalize", choices=eq.CHOICES, default="none",
-                       help="before calibration, move each channel's input range into the conv's per-channel weight "
-                            "scales (float outputs unchanged): depthwise convs, all convs (SmoothQuant-style), or "
-                            "auto (the one of none / depthwise / all whose full-INT8 head output is closest to "
-                            "float; calibrates three times). Recorded in calibrated.pt")
-    group.add_argument("--equalize-alpha", type=float, default=1.0, metavar="A",
-                       help="migration strength in [0, 1]: 1 moves all of the input's channel imbalance into the "
-                            "weights, 0.5 splits it with the weights' own (regular convs)")
-    group.add_argument("--equalize-percentile", type=float, default=99.99, metavar="P",
-                       help="each channel's range for --equalize: this percentile of |x| (100: max)")
-    group.add_argument("--bias-correction", action="store_true",
-                       help="after calibration, subtract from each INT8 conv's bias the mean output shift its "
-                            "quantization causes on the calibration images")
-
-
 def _equalized_and_calibrated(model: nn.Module, qmodel: nn.Module, batches: list[torch.Tensor], loader: Any,
                               batch_number: int, method: str, percentile: float, device: torch.device,
-                              entropy_stride: int, transform: TransformSettings) -> nn.Module:
+                              entropy_stride: int, transform: eq.TransformSettings) -> nn.Module:
     """``qmodel`` equalized as ``transform.equalize`` says and calibrated. ``auto``: each of none / depthwise / all
     is tried on a fresh copy of the uncalibrated ``qmodel``; the one whose calibrated full-INT8 head output is
     closest to float (head SQNR on the first ``transform.auto_images`` images, no labels) is kept."""
@@ -514,7 +472,7 @@ def _first_images(batches: list[torch.Tensor], count: int) -> list[torch.Tensor]
 
 def _transformed_and_calibrated(model: nn.Module, qmodel: nn.Module, loader: Any, batch_number: int, method: str,
                                 percentile: float, device: torch.device, entropy_stride: int,
-                                transform: TransformSettings) -> nn.Module:
+                                transform: eq.TransformSettings) -> nn.Module:
     """Equalize (as ``transform`` says), calibrate, then correct biases; the calibration summary stays in
     ``quant_calib`` and the transform in ``quant_transform`` of the returned model."""
     batches = eq.calibration_batches(loader, batch_number, device)
@@ -565,7 +523,7 @@ def _load_calibration_file(qmodel: nn.Module, path: str | Path) -> dict[str, Any
 def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = None, loader: Any = None,
                      batch_number: int = 1, calib_method: str | None = None, percentile: float = 99.99,
                      device: str | torch.device = "cpu", num_bits: int = 8, entropy_stride: int = 1,
-                     transform: TransformSettings | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                     transform: eq.TransformSettings | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The quantized copy of the deployed float ``model``, calibrated here or loaded from ``calib_weights``.
 
     ``transform``: input equalization and bias correction around the calibration (``utils.quant.equalize``); a
@@ -595,7 +553,7 @@ def calibrated_model(model: nn.Module, *, calib_weights: str | Path | None = Non
     else:
         if loader is None:
             raise InputError("no calibration data: pass --data-root with calibration images or --calib-weights")
-        transform = transform or TransformSettings()
+        transform = transform or eq.TransformSettings()
         if transform.active:
             qmodel = _transformed_and_calibrated(model, qmodel, loader, batch_number, calib_method or "max",
                                                  percentile, torch.device(device), entropy_stride, transform)

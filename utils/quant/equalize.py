@@ -23,6 +23,7 @@ calibrated checkpoint rebuilds the same model.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import sys
@@ -417,3 +418,45 @@ def calibration_batches(loader: Iterable[Any], num_batches: int, device: torch.d
         if len(x):
             batches.append(x.to(device))
     return batches
+
+
+# ------------------------------------------------------------------------------------- settings of the scripts
+@dataclasses.dataclass(frozen=True)
+class TransformSettings:
+    """What happens to the quantized model around calibration: input equalization (``equalize``: none, depthwise,
+    all or auto; ``alpha``, ``percentile``: ``equalize``) before it, bias correction after it."""
+
+    equalize: str = "none"
+    alpha: float = 1.0
+    percentile: float = 99.99
+    bias_correction: bool = False
+    auto_images: int = 16  # equalize=auto: images its head-SQNR criterion is measured on
+
+    def __post_init__(self) -> None:
+        kinds_of(self.equalize)
+        check_settings((), self.alpha, self.percentile)
+
+    @property
+    def active(self) -> bool:
+        return self.equalize != "none" or self.bias_correction
+
+    @classmethod
+    def from_args(cls, args: Any) -> TransformSettings:
+        return cls(args.equalize, args.equalize_alpha, args.equalize_percentile, args.bias_correction)
+
+
+def add_transform_arguments(group: Any) -> None:
+    """The --equalize / --bias-correction options of every script that calibrates."""
+    group.add_argument("--equalize", choices=CHOICES, default="none",
+                       help="before calibration, move each channel's input range into the conv's per-channel weight "
+                            "scales (float outputs unchanged): depthwise convs, all convs (SmoothQuant-style), or "
+                            "auto (the one of none / depthwise / all whose full-INT8 head output is closest to "
+                            "float; calibrates three times). Recorded in calibrated.pt")
+    group.add_argument("--equalize-alpha", type=float, default=1.0, metavar="A",
+                       help="migration strength in [0, 1]: 1 moves all of the input's channel imbalance into the "
+                            "weights, 0.5 splits it with the weights' own (regular convs)")
+    group.add_argument("--equalize-percentile", type=float, default=99.99, metavar="P",
+                       help="each channel's range for --equalize: this percentile of |x| (100: max)")
+    group.add_argument("--bias-correction", action="store_true",
+                       help="after calibration, subtract from each INT8 conv's bias the mean output shift its "
+                            "quantization causes on the calibration images")
