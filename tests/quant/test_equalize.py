@@ -188,6 +188,34 @@ def test_bias_correction_removes_each_layers_mean_output_shift(yolov6n):
     assert after.abs().max() < 0.05 * before.abs().max()
 
 
+def test_a_bias_correction_lasts_only_while_its_layer_runs_int8(yolov6n, tmp_path):
+    qmodel = quant.quantize_model(yolov6n)
+    batches = [images(2, seed=1), images(2, seed=2)]
+    calibration.calibrate(qmodel, batches, 2, method="max")
+    x = images(2, seed=3)
+    layers = {n: m for n, m in quant.quant_layers(qmodel).items() if getattr(m, "bias", None) is not None}
+    float_bias = {name: layer.bias.detach().clone() for name, layer in layers.items()}
+    with torch.no_grad():
+        float_out = yolov6n(x)
+    shifts = equalize.correct_bias(qmodel, batches)
+    kept_float, int8 = "backbone.ERBlock_3.0.rbr_reparam", "backbone.ERBlock_4.0.rbr_reparam"
+    quant.float_only(qmodel, [kept_float])
+    assert torch.equal(layers[kept_float].bias, float_bias[kept_float])  # its own float bias back
+    assert torch.allclose(layers[int8].bias, float_bias[int8] - shifts[int8], atol=1e-7)
+    with quant.float_pass(qmodel), torch.no_grad():  # the float reference is the float model's, not a corrected one
+        assert torch.allclose(qmodel(x), float_out, atol=1e-5)
+    assert torch.allclose(layers[int8].bias, float_bias[int8] - shifts[int8], atol=1e-7)  # restored afterwards
+    quant.disable_all(qmodel)
+    assert all(torch.allclose(layer.bias, float_bias[n], atol=1e-7) for n, layer in layers.items())
+    quant.float_only(qmodel, [kept_float])
+    with torch.no_grad():
+        expected = qmodel(x)
+        again = calibration.load_calibrated(calibration.save_calibrated(tmp_path / "partial.pt", qmodel))
+        assert torch.allclose(again(x), expected, atol=1e-5)
+    assert quant.float_layers(again) == [kept_float]
+    assert torch.allclose(quant.quant_layers(again)[kept_float].bias, float_bias[kept_float], atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 def _calibrated_equalized(model: nn.Module, folder, bias_correction: bool = False):
     loader = calibration_loader(folder, 64, 2, 2, workers=0)

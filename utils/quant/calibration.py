@@ -296,7 +296,8 @@ def save_calibrated(path: str | Path, model: nn.Module, meta: dict[str, Any] | N
              "transform": eq.transform_record(model),
              "quant": {"skip": list(settings.get("skip", DEFAULT_SKIP)), "num_bits": int(settings.get("num_bits", 8)),
                        "float_layers": float_layers(model)}}
-    return save_checkpoint(path, _FloatView(model), deployed=True, meta=meta, extra=extra)
+    with float_pass(model):  # the file keeps float biases: bias shifts are re-attached per layer on loading
+        return save_checkpoint(path, _FloatView(model), deployed=True, meta=meta, extra=extra)
 
 
 def _read_calibrated(path: str | Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from utils.data.coco import readable_images
 from utils.errors import InputError
 from utils.quant.compat import quant_nn
-from utils.quant.quantizers import float_pass, quant_layers
+from utils.quant.quantizers import float_pass, quant_layers, set_bias_shift
 
 _logger = logging.getLogger(__name__)
 
@@ -313,8 +313,9 @@ def check_settings(kinds: Sequence[str], alpha: float, percentile: float) -> Non
 @torch.no_grad()
 def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fast (per-layer) empirical bias correction: for every INT8 conv with a bias, the mean per output channel of
-    (its fake-quant output - its float output) on its float input over ``batches``, subtracted from the bias (in
-    place). Returns the shifts subtracted, also kept as ``model.quant_transform["bias_correction"]``.
+    (its fake-quant output - its float output) on its float input over ``batches``, subtracted from the bias while
+    the layer runs INT8 (a layer later kept float gets its float bias back). Returns the shifts subtracted, also
+    kept as ``model.quant_transform["bias_correction"]``.
 
     Each layer's own quantization error is measured on the float model's activations (as NNCF's fast bias
     correction does; Nagel et al. 2019 correct sequentially on the quantized model's own activations).
@@ -354,11 +355,11 @@ def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str,
     return shifts
 
 
-@torch.no_grad()
 def apply_bias_shifts(model: nn.Module, shifts: Mapping[str, torch.Tensor]) -> None:
+    """Each named layer subtracts its shift from its bias while it runs INT8 (quantizers.set_bias_shift)."""
     layers = quant_layers(model)
     for name, shift in shifts.items():
-        layers[name].bias.sub_(shift.to(layers[name].bias))
+        set_bias_shift(layers[name], shift)
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -369,8 +370,8 @@ def transform_record(model: nn.Module) -> dict[str, Any]:
 
 def apply_transform(model: nn.Module, record: Mapping[str, Any], weights: bool = True) -> None:
     """Rebuild a recorded transform on a freshly quantized model: with ``weights`` from the original deployed
-    weights (scales and bias shifts applied to them), without from weights saved after the transform (only the
-    explicit multiplies attached).
+    weights (scales applied to them), without from weights saved after the transform (only the explicit multiplies
+    attached). Bias shifts are attached either way: files keep float biases (calibration.save_calibrated).
 
     Raises:
         InputError: the record names layers this model does not have.
@@ -387,8 +388,7 @@ def apply_transform(model: nn.Module, record: Mapping[str, Any], weights: bool =
         raise InputError(f"the file's equalization / bias correction was made for another model: "
                          f"{(unknown + wrong)[:3]} do not fit this model's layers; calibrate this model")
     apply_scales(model, eq.get("scales", {}), eq.get("folded", {}), weights=weights)
-    if weights:
-        apply_bias_shifts(model, shifts)
+    apply_bias_shifts(model, shifts)
     model.quant_transform = dict(record)
 
 

@@ -12,6 +12,7 @@ import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from models import is_deployed
@@ -175,13 +176,37 @@ def resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, 
 
 
 def set_quantized(model: nn.Module, layers: Iterable[str] | None, enabled: bool) -> None:
-    """Turn the input and weight quantizers of ``layers`` (None: all) on or off."""
+    """Turn the input and weight quantizers of ``layers`` (None: all) on or off (with their bias shift)."""
     for layer in resolve_layers(model, layers).values():
         for quantizer in layer_quantizers(layer):
             if enabled:
                 quantizer.enable()
             else:
                 quantizer.disable()
+        _sync_bias_shift(layer)
+
+
+# Bias correction (utils.quant.equalize.correct_bias) compensates a layer's own INT8 error, so its shift belongs to
+# the layer only while the layer runs INT8: a float fallback layer, the float reference and a QAT teacher keep the
+# float bias. Every switch here keeps bias = float bias - shift exactly while the layer is quantized.
+@torch.no_grad()
+def set_bias_shift(layer: nn.Module, shift: torch.Tensor) -> None:
+    """Give ``layer`` the bias ``shift`` subtracted while it runs INT8 (replacing any it had)."""
+    if getattr(layer, "bias_shift", None) is not None and layer._bias_shifted:
+        layer.bias.add_(layer.bias_shift)
+    layer.register_buffer("bias_shift", shift.to(layer.bias).clone(), persistent=False)
+    layer._bias_shifted = False
+    _sync_bias_shift(layer)
+
+
+@torch.no_grad()
+def _sync_bias_shift(layer: nn.Module, quantized: bool | None = None) -> None:
+    if getattr(layer, "bias_shift", None) is None:
+        return
+    quantized = _is_enabled(layer) if quantized is None else quantized
+    if quantized != layer._bias_shifted:
+        layer.bias.sub_(layer.bias_shift) if quantized else layer.bias.add_(layer.bias_shift)
+        layer._bias_shifted = quantized
 
 
 def quantize_only(model: nn.Module, layers: Iterable[str]) -> None:
@@ -223,18 +248,23 @@ def float_layers(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def float_pass(model: nn.Module) -> Iterator[None]:
-    """Within the block every quantizer of ``model`` is off (the float function; an uncalibrated model runs too);
-    their on/off states are restored afterwards."""
+    """Within the block every quantizer of ``model`` is off and every bias float (the float function; an
+    uncalibrated model runs too); their on/off states are restored afterwards."""
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     saved = [q._disabled for q in quantizers]
     for q in quantizers:
         q.disable()
+    layers = quant_layers(model).values()
+    for layer in layers:
+        _sync_bias_shift(layer, False)
     try:
         with quiet_library_logs():
             yield
     finally:
         for q, disabled in zip(quantizers, saved, strict=True):
             q._disabled = disabled
+        for layer in layers:
+            _sync_bias_shift(layer)
 
 
 # ----------------------------------------------------------------------------------------------------- export
