@@ -24,13 +24,12 @@ for _path in (_REPO_ROOT, _REPO_ROOT / "benchmarks"):
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
-from real_coco_benchmark import add_real_set_arguments, check_real_sets  # noqa: E402
+from real_coco_benchmark import add_real_set_arguments, check_real_sets, start_run  # noqa: E402
 
 from models import load_model  # noqa: E402
-from utils.cli import ArgumentParser, args_dict, positive_int, resolve_device, run_cli, write_json  # noqa: E402
+from utils.cli import ArgumentParser, args_dict, positive_int, run_cli, write_json  # noqa: E402
 from utils.data.calibration import calibration_loader  # noqa: E402
 from utils.data.coco import CocoDetection  # noqa: E402
-from utils.fileio import ensure_folder  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
@@ -115,10 +114,7 @@ def format_table(rows: dict[str, dict[str, Any]], best: str | None) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_real_sets(args)
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
-    out = Path(args.output_dir)
-    ensure_folder(out)
+    device, out = start_run(args)
     sets = {split: CocoDetection(getattr(args, f"{split}_data"), getattr(args, f"{split}_images"),
                                  img_size=args.img_size, max_images=args.max_images) for split in ("train", "val")}
     finished_path = out / "rows_so_far.json"

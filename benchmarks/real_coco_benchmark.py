@@ -122,6 +122,15 @@ def check_real_sets(args: argparse.Namespace) -> None:
                          "are no default real sets")
 
 
+def start_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
+    """The device and the (created) output folder of a benchmark run, seeded so that runs repeat."""
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    out = Path(args.output_dir)
+    ensure_folder(out)
+    return device, out
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     add_real_set_arguments(parser)
@@ -145,7 +154,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="the equalized rows' --equalize (none: no equalized rows): every --calibrators row again "
                           "with it, ours from the equalized --method-calibrator calibration, QAT from it")
     run.add_argument("--equalize-alpha", type=float, default=1.0, metavar="A", help="see partial_quant.py")
-    run.add_argument("--equalize-percentile", type=float, default=99.99, metavar="P", help="see partial_quant.py")
+    run.add_argument("--equalize-percentile", type=float, default=100.0, metavar="P", help="see partial_quant.py")
     run.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
                      help="the equalized rows also correct biases")
     run.add_argument("--no-seed", action="store_true",
@@ -511,10 +520,7 @@ def format_quality(table: dict[str, dict[str, Any]]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
-    out = Path(args.output_dir)
-    ensure_folder(out)
+    device, out = start_run(args)
     val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
     start = time.perf_counter()
     fp = evaluate(TorchRunner(load_model(args.weights), device), val, args.batch_size, args.workers,
