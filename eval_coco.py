@@ -19,7 +19,7 @@ from utils.cli import (
     unit_interval,
     write_json,
 )
-from utils.data.coco import CocoDetection
+from utils.data.coco import LETTERBOXES, RECT_GROUP, CocoDetection
 from utils.errors import InputError
 from utils.inference.evaluate import evaluate
 from utils.inference.runners import ENGINE_SUFFIXES, ORT_LEVELS, TorchRunner, create_runner
@@ -52,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--img-size", type=img_size, default=None, metavar="N",
                       help=f"letterbox size, a multiple of 32 (default: the ONNX model's or engine's fixed size, "
                            f"else {DEFAULT_IMG_SIZE})")
+    data.add_argument("--letterbox", choices=LETTERBOXES, default=None,
+                      help="image geometry: rect is YOLOv6's own evaluation (tools/eval.py: rectangular canvases per "
+                           f"{RECT_GROUP} images of similar aspect ratio; the mAP YOLOv6 reports), square one "
+                           "img-size canvas for every image (what a static-shape ONNX model or engine takes). "
+                           "Default: rect for PyTorch checkpoints, square for fixed-size ONNX models and engines")
     data.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch")
     data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     data.add_argument("--max-images", type=positive_int, default=None, metavar="N",
@@ -82,6 +87,14 @@ def choose_img_size(requested: int | None, fixed_hw: tuple[int, int] | None) -> 
     return fixed_hw[0]
 
 
+def choose_letterbox(requested: str | None, fixed_hw: tuple[int, int] | None) -> str:
+    """rect (YOLOv6's evaluation) where the model takes any input size, square where its input size is fixed."""
+    if requested == "rect" and fixed_hw is not None:
+        raise InputError(f"the model takes fixed {fixed_hw[0]}x{fixed_hw[1]} inputs, so it cannot run YOLOv6's "
+                         "rectangular canvases: pass --letterbox square (or evaluate the PyTorch checkpoint)")
+    return requested or ("square" if fixed_hw is not None else "rect")
+
+
 def make_runner(args: argparse.Namespace, device: Any) -> Any:
     """A calibrated checkpoint runs fake-quantized (its quantizers as saved, or all off with --float): loaded as a
     plain checkpoint it would run float weights without its equalization multiplies. Anything else: create_runner."""
@@ -104,14 +117,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     engine = Path(args.weights).suffix.lower() in ENGINE_SUFFIXES
     runner = make_runner(args, args.device if engine else resolve_device(args.device))
     size = choose_img_size(args.img_size, runner.input_hw)
-    dataset = CocoDetection(args.data, args.images, img_size=size, max_images=args.max_images)
-    _logger.info("evaluating %s [%s] on %d images at %d px", args.weights, runner.name, len(dataset), size)
+    letterbox = choose_letterbox(args.letterbox, runner.input_hw)
+    stride = int(getattr(getattr(runner, "model", None), "max_stride", 32))
+    dataset = CocoDetection(args.data, args.images, img_size=size, max_images=args.max_images, letterbox=letterbox,
+                            stride=stride)
+    _logger.info("evaluating %s [%s] on %d images at %d px (%s letterbox)", args.weights, runner.name, len(dataset),
+                 size, letterbox)
     metrics = evaluate(runner, dataset, batch_size=args.batch_size, workers=args.workers, conf=args.conf,
                        iou=args.iou, max_det=args.max_det, progress=not args.no_progress, save_json=args.save_json)
     print(metrics.pop("summary_text"))
     print(f"mAP@0.5:0.95 {metrics['mAP50_95']:.4f}  mAP@0.5 {metrics['mAP50']:.4f}  images {metrics['images']}  "
-          f"{metrics['images_per_s']:.1f} img/s")
-    results = {"weights": str(args.weights), "backend": runner.name, "img_size": size, **metrics}
+          f"{letterbox} letterbox  {metrics['images_per_s']:.1f} img/s")
+    results = {"weights": str(args.weights), "backend": runner.name, "img_size": size, "letterbox": letterbox,
+               **metrics}
     if args.results:
         write_json(args.results, {**results, "args": args_dict(args)})
     return results

@@ -17,6 +17,7 @@ from tests.helpers import one_line_error
 from utils.cli import run_cli
 from utils.data.coco import CocoDetection
 from utils.data.synthetic import generate_synthetic_coco
+from utils.errors import InputError
 from utils.inference.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_pt_and_onnx_give_the_same_map(checkpoint, synthetic, tmp_path, capsys):
          "--verify-images", str(synthetic["images"])]))
     assert onnx_path.is_file() and exported["max_abs_diff"]["score"] < 1e-4
     parser = eval_coco.get_args_parser()
-    pt = eval_coco.main(parser.parse_args(_eval_args(checkpoint, synthetic, tmp_path,
+    pt = eval_coco.main(parser.parse_args(_eval_args(checkpoint, synthetic, tmp_path, "--letterbox", "square",
                                                      "--save-json", str(tmp_path / "pt.json"),
                                                      "--results", str(tmp_path / "pt_results.json"))))
     ox = eval_coco.main(parser.parse_args(_eval_args(onnx_path, synthetic, tmp_path,
@@ -112,6 +113,12 @@ def test_pt_and_onnx_give_the_same_map(checkpoint, synthetic, tmp_path, capsys):
         assert key in saved
     assert saved["images"] == 24
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all" in capsys.readouterr().out
+    # the geometry each used, by default: YOLOv6's rect for PyTorch, square for the fixed-size ONNX model
+    assert (pt["letterbox"], ox["letterbox"]) == ("square", "square")
+    rect = eval_coco.main(parser.parse_args(_eval_args(checkpoint, synthetic, tmp_path)))
+    assert rect["letterbox"] == "rect" and rect["images"] == 24
+    with pytest.raises(InputError, match="--letterbox square"):
+        eval_coco.main(parser.parse_args(_eval_args(onnx_path, synthetic, tmp_path, "--letterbox", "rect")))
 
 
 def test_max_images_limits_the_evaluation(checkpoint, synthetic, tmp_path):

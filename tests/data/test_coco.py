@@ -19,6 +19,8 @@ from utils.data.coco import (
     letterbox,
     load_coco,
     read_image_rgb,
+    rect_canvases,
+    resize_long_side,
     scale_boxes_to_original,
 )
 from utils.errors import InputError
@@ -259,3 +261,46 @@ def test_load_coco_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(InputError, match="missing list 'annotations'"):
         load_coco(no_annotations)
     assert capsys.readouterr().out == ""
+
+
+# ------------------------------------------------------------------------------------- YOLOv6's rect geometry
+def test_rect_canvases_are_yolov6s_batch_shapes():
+    # (h, w): aspect ratios w/h 2, 1, 1/3; one image per group -> each canvas from its own ratio, by hand:
+    # ceil(ratio_scale * 320 / 32 + 0.5) * 32 per axis, the long axis ceil(10.5) * 32 = 352
+    groups, canvases = rect_canvases([(100, 200), (64, 64), (300, 100)], 320, 32, group=1)
+    assert groups == [[2], [1], [0]]  # ordered by w / h
+    assert canvases == [(192, 352), (352, 352), (352, 128)]
+    # one group of all three: the ratios straddle 1, so the square canvas with its half-stride margin
+    groups, canvases = rect_canvases([(100, 200), (64, 64), (300, 100)], 320, 32)
+    assert groups == [[2, 1, 0]] and canvases == [(352, 352)] * 3
+
+
+def test_resize_long_side_truncates_and_shrinks_by_area():
+    img = np.arange(300 * 100 * 3, dtype=np.uint8).reshape(300, 100, 3)
+    out = resize_long_side(img, 150)  # ratio 0.5: INTER_AREA, int(100 * 0.5) x int(300 * 0.5)
+    assert out.shape == (150, 50, 3)
+    assert np.array_equal(out, cv2.resize(img, (50, 150), interpolation=cv2.INTER_AREA))
+    assert resize_long_side(img, 320).shape == (320, 106, 3)  # 100 * 320 / 300 = 106.67 -> 106
+
+
+def test_rect_items_and_batches(tiny_coco):
+    ds = CocoDetection(*tiny_coco, img_size=320, letterbox="rect", stride=32)
+    assert ds.image_ids == [3, 7, 11] and ds.batches(2) == [[1, 2], [0]]  # gray (w/h 1/3), c (1), a (2)
+    a, gray = ds[0], ds[1]
+    assert a["image"].shape == (3, 352, 352) and gray["image"].shape == (3, 352, 352)
+    # a.jpg 100x200 -> 160x320, centred: left (352 - 320) / 2 = 16, top (352 - 160) / 2 = 96
+    assert a["ratio"] == (1.6, 1.6) and a["pad"] == (16, 96)
+    assert torch.allclose(a["targets"], torch.tensor([[0.0, 48.0, 112.0, 208.0, 192.0]]), atol=1e-4)
+    # gray.jpg 300x100 -> 320x106: its own scale on each axis (320 / 300 and 106 / 100), left 123, top 16
+    assert gray["ratio"] == pytest.approx((320 / 300, 1.06)) and gray["pad"] == (123, 16)
+    expected = [1.0, 10 * 1.06 + 123, 30 * 320 / 300 + 16, 60 * 1.06 + 123, 90 * 320 / 300 + 16]
+    assert torch.allclose(gray["targets"], torch.tensor([expected]), atol=1e-4)
+    back = scale_boxes_to_original(gray["targets"][:, 1:], gray["ratio"], gray["pad"], gray["orig_hw"])
+    assert torch.allclose(back, torch.tensor([[10.0, 30.0, 60.0, 90.0]]), atol=1e-4)
+    shapes = [tuple(batch["image"].shape) for batch in create_dataloader(ds, 2, workers=0)]
+    assert shapes == [(2, 3, 352, 352), (1, 3, 352, 352)]
+
+
+def test_unknown_letterbox_is_refused(tiny_coco):
+    with pytest.raises(InputError, match="--letterbox"):
+        CocoDetection(*tiny_coco, img_size=320, letterbox="oval")

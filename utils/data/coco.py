@@ -28,6 +28,8 @@ _logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 PAD_VALUE = 114
+LETTERBOXES = ("square", "rect")  # CocoDetection's image geometries (see its docstring)
+RECT_GROUP = 32  # images per rectangular canvas: YOLOv6 tools/eval.py's batch, so the canvases are its own
 
 
 _ANNOTATION_HINT = "pass the instances_*.json of your dataset"
@@ -96,17 +98,69 @@ def letterbox(
 
 
 def scale_boxes_to_original(
-    boxes_xyxy: torch.Tensor, ratio: float, pad: tuple[float, float], orig_hw: tuple[int, int]
+    boxes_xyxy: torch.Tensor, ratio: float | tuple[float, float], pad: tuple[float, float], orig_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """Map [..., 4] xyxy boxes from letterboxed to original image pixels and clip them to the image; returns a copy."""
+    """Map [..., 4] xyxy boxes from letterboxed to original image pixels and clip them to the image; returns a copy.
+    ``ratio``: one scale, or (y, x) scales for an image resized to whole pixels on each axis (the rect geometry)."""
+    ratio_y, ratio_x = ratio if isinstance(ratio, (tuple, list)) else (ratio, ratio)
     boxes = boxes_xyxy.clone() if boxes_xyxy.is_floating_point() else boxes_xyxy.float()
     boxes[..., [0, 2]] -= pad[0]
     boxes[..., [1, 3]] -= pad[1]
-    boxes[..., :4] /= ratio
+    boxes[..., [0, 2]] /= ratio_x
+    boxes[..., [1, 3]] /= ratio_y
     h, w = orig_hw
     boxes[..., [0, 2]] = boxes[..., [0, 2]].clamp(0, w)
     boxes[..., [1, 3]] = boxes[..., [1, 3]].clamp(0, h)
     return boxes
+
+
+# ------------------------------------------------------------------------------------- YOLOv6's rect geometry
+def resize_long_side(img: np.ndarray, img_size: int) -> np.ndarray:
+    """The long side to ``img_size`` as YOLOv6's loader does it: sizes truncated to whole pixels, INTER_AREA when
+    shrinking, INTER_LINEAR when enlarging."""
+    h0, w0 = img.shape[:2]
+    ratio = img_size / max(h0, w0)
+    if ratio == 1:
+        return img
+    return cv2.resize(img, (int(w0 * ratio), int(h0 * ratio)),
+                      interpolation=cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR)
+
+
+def pad_to_canvas(img: np.ndarray, canvas_hw: tuple[int, int],
+                  color: tuple[int, int, int] = (PAD_VALUE, PAD_VALUE, PAD_VALUE)
+                  ) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Centre ``img`` on a ``canvas_hw`` canvas, shrinking it first if it does not fit (never enlarging); returns
+    (canvas, the shrink ratio, (left, top) whole-pixel padding), as YOLOv6's letterbox with auto and scaleup off."""
+    h, w = img.shape[:2]
+    ratio = min(canvas_hw[0] / h, canvas_hw[1] / w, 1.0)
+    new_w, new_h = int(round(w * ratio)), int(round(h * ratio))
+    if (new_w, new_h) != (w, h):
+        img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    pad_x, pad_y = (canvas_hw[1] - new_w) / 2, (canvas_hw[0] - new_h) / 2
+    top, bottom = int(round(pad_y - 0.1)), int(round(pad_y + 0.1))
+    left, right = int(round(pad_x - 0.1)), int(round(pad_x + 0.1))
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
+    return img, ratio, (left, top)
+
+
+def rect_canvases(sizes_hw: Sequence[tuple[int, int]], img_size: int, stride: int,
+                  group: int = RECT_GROUP) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """YOLOv6's rectangular evaluation batches: images ordered by aspect ratio w/h (as given, then numpy's default
+    sort, so ties fall as YOLOv6's fall), cut into groups of ``group``, each group's canvas the smallest that holds
+    its extreme aspect ratio at ``img_size``, rounded up to the stride with half a stride of margin. Returns (the
+    groups as lists of indices into ``sizes_hw``, each index's canvas (h, w))."""
+    shapes = np.array(sizes_hw, dtype=np.float64).reshape(-1, 2)
+    aspect = shapes[:, 1] / shapes[:, 0]
+    order = aspect.argsort()
+    groups = [order[i:i + group].tolist() for i in range(0, len(order), group)]
+    canvases: list[tuple[int, int]] = [(img_size, img_size)] * len(shapes)
+    for members in groups:
+        lo, hi = aspect[members].min(), aspect[members].max()
+        scale = [1, hi] if hi < 1 else [1 / lo, 1] if lo > 1 else [1, 1]
+        h, w = (np.ceil(np.array(scale) * img_size / stride + 0.5).astype(np.int_) * stride).tolist()
+        for i in members:
+            canvases[i] = (int(h), int(w))
+    return groups, canvases
 
 
 def check_img_size(img_size: int, stride: int = 32) -> int:
@@ -159,6 +213,24 @@ def _load_item(path: Path, img_size: int, fallback_hw: tuple[int, int] | None) -
     return {"image": _to_tensor(padded), "orig_hw": orig_hw, "ratio": ratio, "pad": pad, "path": str(path), "ok": True}
 
 
+def _load_rect_item(path: Path, img_size: int, canvas_hw: tuple[int, int],
+                    fallback_hw: tuple[int, int] | None) -> dict[str, Any]:
+    """Read one image and place it on its rect canvas as YOLOv6's evaluation does; ``ratio`` is (y, x): each axis's
+    whole-pixel size over its original."""
+    img = read_image_rgb(path)
+    if img is None:
+        _logger.warning("cannot read image %s: using a blank image and marking it ok=False", path)
+        image = torch.zeros(3, *canvas_hw, dtype=torch.float32)
+        return {"image": image, "orig_hw": fallback_hw or (0, 0), "ratio": (1.0, 1.0), "pad": (0, 0),
+                "path": str(path), "ok": False}
+    h0, w0 = int(img.shape[0]), int(img.shape[1])
+    resized = resize_long_side(img, img_size)
+    padded, shrink, pad = pad_to_canvas(resized, canvas_hw)
+    h, w = resized.shape[:2]
+    return {"image": _to_tensor(padded), "orig_hw": (h0, w0), "ratio": (h * shrink / h0, w * shrink / w0),
+            "pad": pad, "path": str(path), "ok": True}
+
+
 def _check_image_dir(img_dir: Path) -> None:
     if not img_dir.is_dir():
         raise InputError(f"image folder not found: {img_dir}: pass the folder that holds the dataset's images")
@@ -193,6 +265,11 @@ def _check_max_images(max_images: int | None) -> None:
 class CocoDetection(Dataset):
     """COCO-format detection dataset yielding letterboxed RGB images with targets in letterboxed pixels.
 
+    ``letterbox``: ``square`` puts every image on an img_size x img_size canvas (one resize; what a static-shape
+    TensorRT engine needs); ``rect`` is YOLOv6's own evaluation (tools/eval.py): long side to img_size (INTER_AREA),
+    then rectangular canvases per group of RECT_GROUP images of similar aspect ratio (``rect_canvases``, with the
+    model's largest ``stride``); load it in the groups ``batches()`` gives.
+
     Attributes:
         coco: the pycocotools COCO object of the annotation file (ground truth for COCOeval).
         cat_ids: sorted category ids; class index i <-> cat_ids[i].
@@ -201,11 +278,15 @@ class CocoDetection(Dataset):
         image_ids: ids of the images served, sorted, truncated to max_images.
     """
 
-    def __init__(self, ann_file: str | Path, img_dir: str | Path, img_size: int = 640, max_images: int | None = None):
+    def __init__(self, ann_file: str | Path, img_dir: str | Path, img_size: int = 640, max_images: int | None = None,
+                 letterbox: str = "square", stride: int = 32):
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
         self.img_size = check_img_size(img_size)
         _check_max_images(max_images)
+        if letterbox not in LETTERBOXES:
+            raise InputError(f"--letterbox must be one of {', '.join(LETTERBOXES)}, got {letterbox!r}")
+        self.letterbox = letterbox
         self.coco = _load_annotations(self.ann_file)
         _check_image_dir(self.img_dir)
 
@@ -217,6 +298,34 @@ class CocoDetection(Dataset):
         self.image_ids: list[int] = sorted(self.coco.imgs)[:max_images]
         self._targets = {img_id: self._image_targets(img_id) for img_id in self.image_ids}
         self._check_files_exist()
+        self._groups: list[list[int]] = []
+        self._canvases: list[tuple[int, int]] = []
+        if letterbox == "rect":
+            self._place_on_rect_canvases(stride)
+
+    def _place_on_rect_canvases(self, stride: int) -> None:
+        # YOLOv6 orders its image paths by name before sorting them by aspect ratio; so do we, for the same ties.
+        by_name = sorted(range(len(self.image_ids)), key=lambda i: self.coco.imgs[self.image_ids[i]]["file_name"])
+        groups, canvases = rect_canvases([self._stored_hw(by_name[k]) for k in range(len(by_name))],
+                                         self.img_size, stride)
+        self._groups = [[by_name[k] for k in group] for group in groups]
+        self._canvases = [(0, 0)] * len(self.image_ids)
+        for k, canvas in enumerate(canvases):
+            self._canvases[by_name[k]] = canvas
+
+    def _stored_hw(self, index: int) -> tuple[int, int]:
+        """(h, w) from the annotation file, or from the image when the file does not say."""
+        info = self.coco.imgs[self.image_ids[index]]
+        if info.get("height") and info.get("width"):
+            return int(info["height"]), int(info["width"])
+        img = read_image_rgb(self.image_path(index))
+        return (int(img.shape[0]), int(img.shape[1])) if img is not None else (1, 1)
+
+    def batches(self, batch_size: int) -> list[list[int]] | None:
+        """The rect geometry's batches (each within one canvas group, up to ``batch_size``); None for square."""
+        if self.letterbox != "rect":
+            return None
+        return [group[i:i + batch_size] for group in self._groups for i in range(0, len(group), batch_size)]
 
     def _image_targets(self, img_id: int) -> np.ndarray:
         """Non-crowd boxes with positive size as [n,5] (class_index, x1, y1, x2, y2) in original pixels."""
@@ -275,12 +384,16 @@ class CocoDetection(Dataset):
         img_id = self.image_ids[index]
         info = self.coco.imgs[img_id]
         json_hw = (int(info.get("height") or 0), int(info.get("width") or 0))
-        item = _load_item(self.img_dir / info["file_name"], self.img_size, json_hw)
+        path = self.img_dir / info["file_name"]
+        item = (_load_rect_item(path, self.img_size, self._canvases[index], json_hw) if self.letterbox == "rect"
+                else _load_item(path, self.img_size, json_hw))
         if item["ok"] and all(json_hw) and item["orig_hw"] != json_hw:
             _logger.warning("image %s is %s but the annotation file says %s (h, w): boxes may be off",
                             item["path"], item["orig_hw"], json_hw)
         targets = torch.from_numpy(self._targets[img_id].copy())
-        targets[:, 1:] *= item["ratio"]
+        ratio_y, ratio_x = item["ratio"] if isinstance(item["ratio"], tuple) else (item["ratio"], item["ratio"])
+        targets[:, [1, 3]] *= ratio_x
+        targets[:, [2, 4]] *= ratio_y
         targets[:, [1, 3]] += item["pad"][0]
         targets[:, [2, 4]] += item["pad"][1]
         item["image_id"] = int(img_id)
@@ -350,6 +463,10 @@ def create_dataloader(
         raise InputError(f"--workers must be an integer >= 0, got {workers!r}: use 0 to load in the main process")
     generator = torch.Generator()
     generator.manual_seed(seed)
+    batches = None if shuffle or not hasattr(dataset, "batches") else dataset.batches(batch_size)
+    if batches is not None:  # images of one batch share a canvas (the rect geometry)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_detection,
+                          pin_memory=pin_memory, persistent_workers=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
