@@ -139,7 +139,7 @@ def test_coco_item_targets_in_letterboxed_pixels(tiny_coco):
     item = ds[0]
     assert item["image_id"] == 3 and item["ok"] is True
     assert item["image"].shape == (3, S, S) and item["image"].dtype == torch.float32
-    assert item["orig_hw"] == (100, 200) and item["ratio"] == pytest.approx(1.6) and item["pad"] == (0.0, 80.0)
+    assert item["orig_hw"] == (100, 200) and item["ratio"] == pytest.approx((1.6, 1.6)) and item["pad"] == (0, 80)
     # Only the non-crowd box with positive size survives: (class 0, 20*1.6, 10*1.6+80, 120*1.6, 60*1.6+80).
     assert item["targets"].dtype == torch.float32
     assert torch.allclose(item["targets"], torch.tensor([[0.0, 32.0, 96.0, 192.0, 176.0]]), atol=1e-4)
@@ -153,8 +153,9 @@ def test_coco_grayscale_and_png(tiny_coco):
     gray = ds[1]
     assert gray["ok"] and gray["image"].shape == (3, S, S) and gray["orig_hw"] == (300, 100)
     assert torch.equal(gray["image"][0], gray["image"][1]) and torch.equal(gray["image"][1], gray["image"][2])
-    r = 320 / 300
-    expected = torch.tensor([[1.0, 10 * r + 106.5, 30 * r, 60 * r + 106.5, 90 * r]])
+    # YOLOv6's square (rect off): 300x100 -> 320x106 (whole pixels), left pad round((320 - 106) / 2 - 0.1) = 107
+    r, rx = 320 / 300, 1.06
+    expected = torch.tensor([[1.0, 10 * rx + 107, 30 * r, 60 * rx + 107, 90 * r]])
     assert torch.allclose(gray["targets"], expected, atol=1e-4)
     png = ds[2]
     assert png["ok"] and png["targets"].shape == (0, 5) and png["path"].endswith("c.png")

@@ -213,10 +213,10 @@ def _load_item(path: Path, img_size: int, fallback_hw: tuple[int, int] | None) -
     return {"image": _to_tensor(padded), "orig_hw": orig_hw, "ratio": ratio, "pad": pad, "path": str(path), "ok": True}
 
 
-def _load_rect_item(path: Path, img_size: int, canvas_hw: tuple[int, int],
+def _load_on_canvas(path: Path, img_size: int, canvas_hw: tuple[int, int],
                     fallback_hw: tuple[int, int] | None) -> dict[str, Any]:
-    """Read one image and place it on its rect canvas as YOLOv6's evaluation does; ``ratio`` is (y, x): each axis's
-    whole-pixel size over its original."""
+    """Read one image and place it on ``canvas_hw`` as YOLOv6's evaluation does (rect canvases, or img_size square:
+    its evaluation with rect off); ``ratio`` is (y, x): each axis's whole-pixel size over its original."""
     img = read_image_rgb(path)
     if img is None:
         _logger.warning("cannot read image %s: using a blank image and marking it ok=False", path)
@@ -265,10 +265,11 @@ def _check_max_images(max_images: int | None) -> None:
 class CocoDetection(Dataset):
     """COCO-format detection dataset yielding letterboxed RGB images with targets in letterboxed pixels.
 
-    ``letterbox``: ``square`` puts every image on an img_size x img_size canvas (one resize; what a static-shape
-    TensorRT engine needs); ``rect`` is YOLOv6's own evaluation (tools/eval.py): long side to img_size (INTER_AREA),
-    then rectangular canvases per group of RECT_GROUP images of similar aspect ratio (``rect_canvases``, with the
-    model's largest ``stride``); load it in the groups ``batches()`` gives.
+    Images are read as YOLOv6's evaluation (tools/eval.py) reads them: long side to img_size (INTER_AREA when
+    shrinking, whole pixels), then centred on a canvas. ``letterbox``: ``rect`` (its default) gives each group of
+    RECT_GROUP images of similar aspect ratio the smallest canvas that holds them (``rect_canvases``, with the
+    model's largest ``stride``; load it in the groups ``batches()`` gives); ``square`` puts every image on one
+    img_size x img_size canvas (its rect off; what a static-shape ONNX model or TensorRT engine takes).
 
     Attributes:
         coco: the pycocotools COCO object of the annotation file (ground truth for COCOeval).
@@ -385,8 +386,8 @@ class CocoDetection(Dataset):
         info = self.coco.imgs[img_id]
         json_hw = (int(info.get("height") or 0), int(info.get("width") or 0))
         path = self.img_dir / info["file_name"]
-        item = (_load_rect_item(path, self.img_size, self._canvases[index], json_hw) if self.letterbox == "rect"
-                else _load_item(path, self.img_size, json_hw))
+        canvas = self._canvases[index] if self.letterbox == "rect" else (self.img_size, self.img_size)
+        item = _load_on_canvas(path, self.img_size, canvas, json_hw)
         if item["ok"] and all(json_hw) and item["orig_hw"] != json_hw:
             _logger.warning("image %s is %s but the annotation file says %s (h, w): boxes may be off",
                             item["path"], item["orig_hw"], json_hw)
