@@ -21,7 +21,8 @@ from utils.cli import (
 )
 from utils.data.coco import LETTERBOXES, RECT_GROUP, CocoDetection
 from utils.errors import InputError
-from utils.inference.evaluate import evaluate
+from utils.inference.bootstrap import RESAMPLES, format_drop, paired_bootstrap
+from utils.inference.evaluate import evaluate, evaluate_predictions
 from utils.inference.runners import ENGINE_SUFFIXES, ORT_LEVELS, TorchRunner, create_runner
 from utils.quant.calibration import is_calibrated_file, load_calibrated
 
@@ -33,7 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     model = parser.add_argument_group("model")
     model.add_argument("--weights", required=True, metavar="FILE",
-                       help="YOLOv6 release .pt, a checkpoint of this toolkit, an .onnx model, or a TensorRT "
+                       help="YOLOv6 release .pt, a checkpoint of this toolkit, an .onnx model, a predictions .json "
+                            "(written by --save-json), or a TensorRT "
                             ".engine/.trt/.plan (needs --device cuda:N and requirements-trt.txt). A calibrated "
                             "checkpoint (calibrated.pt, partial.pt, qat.pt) runs as fake-quantized INT8 with its float "
                             "layers, equalization and bias correction (--float: its float function)")
@@ -65,6 +67,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     post.add_argument("--conf", type=unit_interval, default=0.03, metavar="T", help="score threshold")
     post.add_argument("--iou", type=unit_interval, default=0.65, metavar="T", help="NMS IoU threshold")
     post.add_argument("--max-det", type=positive_int, default=300, metavar="N", help="detections kept per image")
+    cmp = parser.add_argument_group("comparison")
+    cmp.add_argument("--baseline", default=None, metavar="FILE",
+                     help="another model, or a predictions .json written by --save-json: print the drop of --weights "
+                          "against it on the same images with its 95%% interval (paired bootstrap over images)")
+    cmp.add_argument("--resamples", type=positive_int, default=RESAMPLES, metavar="N",
+                     help="bootstrap resamples of the images (seeded by --seed)")
+    cmp.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="bootstrap seed")
     out = parser.add_argument_group("output")
     out.add_argument("--save-json", default=None, metavar="FILE", help="write COCO-format predictions here")
     out.add_argument("--results", default=None, metavar="FILE", help="write the metrics (and args) as JSON here")
@@ -112,24 +121,59 @@ def make_runner(args: argparse.Namespace, device: Any) -> Any:
     return create_runner(args.weights, device, args.half, args.ort_optimization)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def is_predictions_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".json"
+
+
+def measure(args: argparse.Namespace, weights: str, matches: bool) -> dict[str, Any]:
+    """The metrics of one model (or saved predictions file) on the --data images, with how they were measured."""
+    if is_predictions_file(weights):
+        dataset = CocoDetection(args.data, args.images, img_size=args.img_size or DEFAULT_IMG_SIZE,
+                                max_images=args.max_images)
+        metrics = evaluate_predictions(weights, dataset)
+        return {"weights": str(weights), "backend": "saved predictions", **metrics}
+    model_args = argparse.Namespace(**{**vars(args), "weights": weights,
+                                       "float": args.float and weights == args.weights})
     # an engine checks its device itself: it needs CUDA, where resolve_device's advice would be --device cpu
-    engine = Path(args.weights).suffix.lower() in ENGINE_SUFFIXES
-    runner = make_runner(args, args.device if engine else resolve_device(args.device))
+    engine = Path(weights).suffix.lower() in ENGINE_SUFFIXES
+    runner = make_runner(model_args, args.device if engine else resolve_device(args.device))
     size = choose_img_size(args.img_size, runner.input_hw)
     letterbox = choose_letterbox(args.letterbox, runner.input_hw)
     stride = int(getattr(getattr(runner, "model", None), "max_stride", 32))
     dataset = CocoDetection(args.data, args.images, img_size=size, max_images=args.max_images, letterbox=letterbox,
                             stride=stride)
-    _logger.info("evaluating %s [%s] on %d images at %d px (%s letterbox)", args.weights, runner.name, len(dataset),
+    _logger.info("evaluating %s [%s] on %d images at %d px (%s letterbox)", weights, runner.name, len(dataset),
                  size, letterbox)
+    save_json = args.save_json if weights == args.weights else None
     metrics = evaluate(runner, dataset, batch_size=args.batch_size, workers=args.workers, conf=args.conf,
-                       iou=args.iou, max_det=args.max_det, progress=not args.no_progress, save_json=args.save_json)
-    print(metrics.pop("summary_text"))
-    print(f"mAP@0.5:0.95 {metrics['mAP50_95']:.4f}  mAP@0.5 {metrics['mAP50']:.4f}  images {metrics['images']}  "
-          f"{letterbox} letterbox  {metrics['images_per_s']:.1f} img/s")
-    results = {"weights": str(args.weights), "backend": runner.name, "img_size": size, "letterbox": letterbox,
-               **metrics}
+                       iou=args.iou, max_det=args.max_det, progress=not args.no_progress, save_json=save_json,
+                       matches=matches)
+    return {"weights": str(weights), "backend": runner.name, "img_size": size, "letterbox": letterbox, **metrics}
+
+
+def compare(args: argparse.Namespace, model: dict[str, Any]) -> dict[str, Any]:
+    """The drop of --weights against --baseline on the same images, with its paired-bootstrap interval."""
+    baseline = measure(args, args.baseline, matches=True)
+    result = paired_bootstrap(baseline.pop("matches"), model["matches"], resamples=args.resamples, seed=args.seed)
+    print(f"drop vs {args.baseline} ({baseline['mAP50_95']:.4f} / {baseline['mAP50']:.4f}): "
+          f"mAP@0.5:0.95 {format_drop(result)}  mAP@0.5 {format_drop(result, 'mAP50')}  "
+          f"({result['level']:.0%} interval, {result['resamples']} paired resamples of {result['images']} images)")
+    baseline.pop("summary_text", None)
+    return {**result, "baseline": {k: baseline[k] for k in ("weights", "backend", "mAP50_95", "mAP50")}}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    if is_predictions_file(args.weights) and (args.float or args.half):
+        raise InputError(f"{args.weights} holds saved predictions: --float / --half apply to models; drop them")
+    results = measure(args, args.weights, matches=args.baseline is not None)
+    print(results.pop("summary_text"))
+    geometry = f"{results['letterbox']} letterbox  " if "letterbox" in results else ""
+    speed = f"{results['images_per_s']:.1f} img/s" if "images_per_s" in results else "saved predictions"
+    print(f"mAP@0.5:0.95 {results['mAP50_95']:.4f}  mAP@0.5 {results['mAP50']:.4f}  images {results['images']}  "
+          f"{geometry}{speed}")
+    if args.baseline is not None:
+        results["compare"] = compare(args, results)
+    results.pop("matches", None)
     if args.results:
         write_json(args.results, {**results, "args": args_dict(args)})
     return results

@@ -215,3 +215,33 @@ def test_a_calibrated_checkpoint_is_evaluated_fake_quantized(synthetic, tmp_path
     assert got["backend"] == "pytorch fake-quant int8" and got["mAP50_95"] == pytest.approx(expected_int, abs=1e-6)
     assert got_float["mAP50_95"] == pytest.approx(expected_float, abs=1e-4)
     assert expected_float > 0.3 and abs(expected_int - expected_float) > 1e-3  # really two different models
+
+
+def test_baseline_comparison_of_models_and_saved_predictions(checkpoint, synthetic, tmp_path, capsys):
+    parser = eval_coco.get_args_parser()
+    saved = tmp_path / "pt.json"
+    eval_coco.main(parser.parse_args(_eval_args(checkpoint, synthetic, tmp_path, "--save-json", str(saved))))
+    # a model against its own saved predictions: the same detections, so no drop and no spread
+    same = eval_coco.main(parser.parse_args(_eval_args(checkpoint, synthetic, tmp_path, "--baseline", str(saved),
+                                                       "--resamples", "20")))
+    assert same["compare"]["mAP50_95"] == {**same["compare"]["mAP50_95"], "drop": 0.0, "low": 0.0, "high": 0.0}
+    assert "drop vs" in capsys.readouterr().out
+    # saved predictions against saved predictions: the ground truth itself (mAP 1), and the same without the boxes
+    # of the second half of the images
+    annotations = json.loads(Path(synthetic["json"]).read_text())["annotations"]
+    oracle = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+              for a in annotations]
+    (tmp_path / "oracle.json").write_text(json.dumps(oracle))
+    cut = sorted({a["image_id"] for a in annotations})[11]
+    (tmp_path / "half.json").write_text(json.dumps([p for p in oracle if p["image_id"] <= cut]))
+    worse = eval_coco.main(parser.parse_args(_eval_args(tmp_path / "half.json", synthetic, tmp_path, "--baseline",
+                                                        str(tmp_path / "oracle.json"))))
+    assert worse["backend"] == "saved predictions" and worse["compare"]["baseline"]["mAP50_95"] == 1.0
+    drop = worse["compare"]["mAP50_95"]
+    assert drop["drop"] == pytest.approx(1.0 - worse["mAP50_95"]) and drop["drop"] > 0.3
+    assert drop["low"] < drop["drop"] < drop["high"]
+    with pytest.raises(InputError, match="not a COCO results list"):
+        (tmp_path / "bad.json").write_text("{}")
+        eval_coco.main(parser.parse_args(_eval_args(checkpoint, synthetic, tmp_path, "--baseline",
+                                                    str(tmp_path / "bad.json"))))
+

@@ -44,7 +44,7 @@ class ImageMatches:
     mAP of any weighting of those images follows (``map``)."""
 
     def __init__(self, coco_gt: COCO, predictions: Sequence[dict[str, Any]], image_ids: Sequence[int]):
-        self.image_ids = [int(i) for i in image_ids]
+        self.image_ids = sorted(int(i) for i in image_ids)  # pycocotools order (CocoEvaluator.summarize sorts)
         index = {image_id: i for i, image_id in enumerate(self.image_ids)}
         self._categories: list[_CategoryMatches] = []
         if not predictions:

@@ -97,6 +97,12 @@ class CocoEvaluator:
                 }
             )
 
+    def load(self, predictions: list[dict[str, Any]], image_ids: Iterable[int]) -> None:
+        """Take saved COCO results (e.g. ``save_json``'s) for ``image_ids`` instead of ``update`` calls."""
+        for image_id in image_ids:
+            self._image_ids[int(image_id)] = None
+        self._predictions.extend(predictions)
+
     def _category_id(self, class_index: float) -> int | None:
         index = int(class_index)
         if not 0 <= index < len(self.cat_ids):

@@ -1,6 +1,7 @@
 """Runner x COCO-format dataset -> predictions -> COCO metrics. Used by eval_coco.py and every later stage."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from utils.data.coco import CocoDetection, create_dataloader, scale_boxes_to_original
 from utils.errors import InputError
+from utils.inference.bootstrap import ImageMatches
 from utils.inference.coco_eval import CocoEvaluator
 from utils.inference.postprocess import non_max_suppression
 from utils.inference.runners import Runner
@@ -62,7 +64,7 @@ def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, worker
              iou: float = 0.65, max_det: int = 300, progress: bool = True,
              save_json: str | Path | None = None,
              subsets: Mapping[str, Iterable[int]] | None = None,
-             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+             class_names: Sequence[str] | None = None, matches: bool = False) -> dict[str, Any]:
     """COCO mAP of ``runner`` on ``dataset``, YOLOv6's evaluation post-processing (multi-label NMS).
 
     Args:
@@ -70,6 +72,7 @@ def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, worker
             (e.g. the two halves of a split-half reliability check).
         class_names: the model's class names, to match the dataset's categories by name (default: the runner's
             ``class_names``; without names classes match categories by position, see ``class_categories``).
+        matches: also return ``matches``, the per-image matching that ``bootstrap.paired_bootstrap`` compares.
 
     Returns a flat dict: the 12 COCO stats (``mAP50_95``, ``mAP50``, ...), ``images``, ``unreadable``,
     ``seconds``, ``images_per_s`` (end to end, data loading included), ``summary_text`` and, with ``subsets``,
@@ -105,6 +108,44 @@ def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, worker
                               for name, ids in subsets.items()}
     if save_json is not None:
         evaluator.save_json(save_json)
+    if matches:
+        metrics["matches"] = ImageMatches(dataset.coco, evaluator.predictions, evaluator.image_ids)
     metrics.update(images=images, unreadable=unreadable, seconds=round(seconds, 3),
                    images_per_s=round(images / seconds, 2) if seconds > 0 else 0.0)
+    return metrics
+
+
+def read_predictions(path: str | Path, dataset: CocoDetection) -> list[dict[str, Any]]:
+    """A COCO results file (``--save-json``'s: a list of image_id / category_id / bbox / score), restricted to the
+    dataset's images.
+
+    Raises:
+        InputError: the file is missing or is not a results list.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read predictions {path} ({type(exc).__name__}): pass a results file written by "
+                         "eval_coco.py --save-json") from None
+    keys = {"image_id", "category_id", "bbox", "score"}
+    if not isinstance(data, list) or not all(isinstance(p, dict) and keys <= set(p) for p in data):
+        raise InputError(f"{path} is not a COCO results list (dicts with {', '.join(sorted(keys))}): pass a file "
+                         "written by eval_coco.py --save-json")
+    unknown = {p["category_id"] for p in data} - set(dataset.cat_ids)
+    if unknown:
+        raise InputError(f"{path} has categories {sorted(unknown)[:5]} that {dataset.ann_file} does not: the "
+                         "predictions are for another dataset")
+    served = set(dataset.image_ids)
+    return [p for p in data if p["image_id"] in served]
+
+
+def evaluate_predictions(path: str | Path, dataset: CocoDetection) -> dict[str, Any]:
+    """The metrics (and ``matches``) of a saved results file on the dataset's images, as ``evaluate`` gives them."""
+    predictions = read_predictions(path, dataset)
+    evaluator = CocoEvaluator(dataset.coco, list(dataset.cat_ids))
+    evaluator.load(predictions, dataset.image_ids)
+    metrics = evaluator.summarize()
+    metrics.update(matches=ImageMatches(dataset.coco, predictions, dataset.image_ids), images=len(dataset.image_ids),
+                   unreadable=0)
     return metrics
