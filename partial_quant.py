@@ -39,10 +39,11 @@ from utils.data.calibration import calibration_loader, proxy_batches
 from utils.data.coco import CocoDetection
 from utils.deploy.onnx_export import build_hint, export_verified, trtexec_lines, verification_batch
 from utils.errors import InputError
-from utils.fallback.report import format_summary, summary
+from utils.fallback.report import drop_intervals, format_summary, summary
 from utils.fallback.rerank import GreedyOrder, search_rerank
 from utils.fallback.rules import PartialModel, check_ranking, choose_float_layers
 from utils.fileio import check_output_file
+from utils.inference.bootstrap import ImageMatches
 from utils.inference.evaluate import evaluate
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner
 from utils.quant import calibration
@@ -256,13 +257,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         check_ranking(order, model.layers, str(args.sensitivity_file))
 
     map50: dict[str, float] = {}  # mAP@.5 of the report-set rows, recorded beside the mAP@.5:.95 that decides
+    matches: dict[str, ImageMatches] = {}  # the report-set rows' per-image matching, for their drops' intervals
 
     def measure(float_layers: list[str], dataset: CocoDetection = searching, row: str | None = None) -> float:
         model.set_float(float_layers)
         metrics = evaluate(TorchRunner(qmodel, device), dataset, args.batch_size, args.workers,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, matches=row is not None)
         if row is not None:
-            map50[row] = metrics["mAP50"]
+            map50[row], matches[row] = metrics["mAP50"], metrics["matches"]
         return metrics["mAP50_95"]
 
     if report_set is None:  # --skip-layers / --quant-boundary need no evaluation
@@ -296,9 +298,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         report.update(export_partial(args, qmodel, paths))
         if args.eval_onnx:
             metrics = evaluate(OnnxRuntimeRunner(paths["onnx"], optimization="basic"), report_set, args.batch_size,
-                               args.workers, progress=not args.no_progress)
-            report["onnx_map"], map50["onnx"] = metrics["mAP50_95"], metrics["mAP50"]
+                               args.workers, progress=not args.no_progress, matches=True)
+            report["onnx_map"], map50["onnx"], matches["onnx"] = metrics["mAP50_95"], metrics["mAP50"], \
+                metrics["matches"]
     report["map50"] = map50
+    report["intervals"] = drop_intervals(matches, args.seed)
     report.update(checkpoint=str(paths["checkpoint"]), seconds=round(time.perf_counter() - start, 2))
     write_json(paths["report"], report)
     print(format_summary(report))

@@ -95,6 +95,10 @@ def test_partial_quant_skip_layers_end_to_end(data, ranking, tmp_path):
     assert report["float_layers"] == heads and result["int8_layers"] == result["total_layers"] - 3 == 69
     # 12 images: a flipped INT8 level moves a box of one image; 200 images (make demo) agree within 0.002
     assert result["fp_map"] > 0.3 and abs(result["onnx_map"] - result["partial_map"]) <= 0.01
+    # every reported drop carries its paired-bootstrap interval over the report images
+    for row, value in (("ptq", result["ptq_map"]), ("partial", result["partial_map"]), ("onnx", result["onnx_map"])):
+        drop = report["intervals"][row]["mAP50_95"]
+        assert drop["drop"] == round(result["fp_map"] - value, 4) and drop["low"] <= drop["drop"] <= drop["high"]
     record = json.loads(Path(result["onnx"]).with_suffix(".json").read_text())
     assert record["qdq"]["conv_transpose_weight_axes"] == [0] and record["qdq"]["conv_weight_axes"] == [0]
     assert {r["name"] for r in record["layers"] if r["precision"] == "float"} == set(heads)

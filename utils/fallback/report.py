@@ -1,10 +1,11 @@
 """The partial-quantization report: search steps, the mAP table printed at the end, the JSON summary."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from utils.fallback.rules import PartialModel
+from utils.inference.bootstrap import ImageMatches, paired_bootstrap
 
 
 def format_steps(steps: Sequence[dict[str, Any]]) -> str:
@@ -27,6 +28,25 @@ def summary(fp_map: float | None, ptq_map: float | None, partial_map: float | No
             "partial_drop": fp_map - partial_map if measured else None, "int8_layers": int8, "total_layers": total,
             "float_layers": list(model.float_set), "rule": choice["rule"], "steps": choice.get("steps", []),
             "sharing": model.sharing, "calibration": calibration, "args": args or {}}
+
+
+def drop_intervals(matches: Mapping[str, ImageMatches], seed: int = 0) -> dict[str, Any]:
+    """Each report-set row's drop from ``fp`` with its 95 % paired-bootstrap interval over the report images."""
+    if "fp" not in matches:
+        return {}
+    out = {}
+    for row, other in matches.items():
+        if row != "fp":
+            result = paired_bootstrap(matches["fp"], other, seed=seed)
+            out[row] = {metric: {k: round(result[metric][k], 4) for k in ("drop", "low", "high")}
+                        for metric in ("mAP50_95", "mAP50")}
+            out[row].update(resamples=result["resamples"], level=result["level"])
+    return out
+
+
+def _interval(report: dict[str, Any], row: str) -> str:
+    d = (report.get("intervals") or {}).get(row, {}).get("mAP50_95")
+    return f"  [{d['low']:.4f}, {d['high']:.4f}]" if d else ""
 
 
 def describe_calibration(record: dict[str, Any]) -> str:
@@ -58,12 +78,15 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"mAP not measured (no --data/--images): python eval_coco.py --weights {report['checkpoint']} "
                      "--data <annotations.json> --images <folder> measures the partial model")
     else:
-        lines += [f"{'model':<26} {'mAP50:95':>9} {'drop':>8}",
+        lines += [f"{'model':<26} {'mAP50:95':>9} {'drop':>8}  95 % interval of the drop (paired bootstrap)",
                   f"{'float (PyTorch)':<26} {fp:>9.4f} {0:>8.4f}",
-                  f"{'full PTQ (fake-quant)':<26} {report['ptq_map']:>9.4f} {fp - report['ptq_map']:>8.4f}",
-                  f"{'partial (fake-quant)':<26} {report['partial_map']:>9.4f} {fp - report['partial_map']:>8.4f}"]
+                  f"{'full PTQ (fake-quant)':<26} {report['ptq_map']:>9.4f} {fp - report['ptq_map']:>8.4f}"
+                  f"{_interval(report, 'ptq')}",
+                  f"{'partial (fake-quant)':<26} {report['partial_map']:>9.4f} {fp - report['partial_map']:>8.4f}"
+                  f"{_interval(report, 'partial')}"]
     if "onnx_map" in report:
-        lines.append(f"{'partial Q/DQ ONNX (ORT)':<26} {report['onnx_map']:>9.4f} {fp - report['onnx_map']:>8.4f}")
+        lines.append(f"{'partial Q/DQ ONNX (ORT)':<26} {report['onnx_map']:>9.4f} {fp - report['onnx_map']:>8.4f}"
+                     f"{_interval(report, 'onnx')}")
     lines.append(f"INT8 layers {report['int8_layers']}/{report['total_layers']} ({report['rule']}); float: "
                  f"{', '.join(report['float_layers']) or 'none'}")
     lines.append(f"calibration: {describe_calibration(report.get('calibration') or {})}")
