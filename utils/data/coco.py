@@ -266,10 +266,11 @@ class CocoDetection(Dataset):
     """COCO-format detection dataset yielding letterboxed RGB images with targets in letterboxed pixels.
 
     Images are read as YOLOv6's evaluation (tools/eval.py) reads them: long side to img_size (INTER_AREA when
-    shrinking, whole pixels), then centred on a canvas. ``letterbox``: ``rect`` (its default) gives each group of
-    RECT_GROUP images of similar aspect ratio the smallest canvas that holds them (``rect_canvases``, with the
-    model's largest ``stride``; load it in the groups ``batches()`` gives); ``square`` puts every image on one
-    img_size x img_size canvas (its rect off; what a static-shape ONNX model or TensorRT engine takes).
+    shrinking, whole pixels), then centred on a canvas. ``letterbox``: ``rect`` (YOLOv6's default; eval_coco.py's)
+    gives each group of RECT_GROUP images of similar aspect ratio the smallest canvas that holds them
+    (``rect_canvases``, with the model's largest ``stride``; load it in the groups ``batches()`` gives); ``square``
+    (this class's default, for now the other stages') puts every image on one img_size x img_size canvas (YOLOv6's
+    rect off; what a static-shape ONNX model or TensorRT engine takes).
 
     Attributes:
         coco: the pycocotools COCO object of the annotation file (ground truth for COCOeval).
