@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -67,7 +68,8 @@ from utils.data.coco import CocoDetection  # noqa: E402
 from utils.deploy.onnx_export import export_verified, verification_batch  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.fileio import ensure_folder  # noqa: E402
-from utils.inference.evaluate import evaluate  # noqa: E402
+from utils.inference.bootstrap import paired_bootstrap  # noqa: E402
+from utils.inference.evaluate import evaluate, evaluate_predictions  # noqa: E402
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
 from utils.quant.equalize import CHOICES as EQUALIZE_CHOICES  # noqa: E402
@@ -269,9 +271,10 @@ def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.d
         if "transform" in record:
             row["transform"] = record["transform"]
         if name in args.calibrators:
+            predictions = predictions_file(out, row_name)
             metrics = evaluate(TorchRunner(qmodel, device), val, args.batch_size, args.workers,
-                               progress=not args.no_progress)
-            row.update(_maps(metrics))
+                               progress=not args.no_progress, save_json=predictions)
+            row.update(_maps(metrics), predictions=str(predictions))
             _logger.info("%s: mAP50:95 %.4f", row_name, metrics["mAP50_95"])
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows[row_name] = row
@@ -356,8 +359,9 @@ def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection,
         row.update(verified=False, verification_error=str(exc))
     start = time.perf_counter()
     metrics = evaluate(OnnxRuntimeRunner(path, optimization="basic"), val, args.batch_size, args.workers,
-                       progress=not args.no_progress)
-    row.update(_maps(metrics), onnx=str(path), max_abs_diff=record["max_abs_diff"],
+                       progress=not args.no_progress, save_json=folder / "onnx_predictions.json")
+    row.update(_maps(metrics), onnx=str(path), predictions=str(folder / "onnx_predictions.json"),
+               max_abs_diff=record["max_abs_diff"],
                minus_pytorch=round(float(metrics["mAP50_95"]) - partial["partial_map"], 4),
                seconds=round(time.perf_counter() - start, 1))
     kernels = evaluate(OnnxRuntimeRunner(path, optimization="all"), val, args.batch_size, args.workers,
@@ -372,7 +376,9 @@ def _partial_row(partial: dict[str, Any], **extra: Any) -> dict[str, Any]:
             "int8_layers": partial["int8_layers"], "total_layers": partial["total_layers"],
             "float_layers": partial["float_layers"], "search_drop": round(partial["search"]["fp_map"]
                                                                           - partial["search"]["partial_map"], 4)
-            if "partial_map" in partial.get("search", {}) else None, **extra}
+            if "partial_map" in partial.get("search", {}) else None,
+            **({"drop_interval": partial["intervals"]["partial"]["mAP50_95"]} if "intervals" in partial else {}),
+            **extra}
 
 
 def seed_rows(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict], dict[str, Any]]:
@@ -496,14 +502,35 @@ def proxy_quality(args: argparse.Namespace, out: Path) -> dict[str, dict[str, An
     return table
 
 
+def predictions_file(out: Path, row_name: str) -> Path:
+    """Where a row's val predictions are kept (for its drop's interval against float)."""
+    return out / "predictions" / (re.sub(r"[^A-Za-z0-9.+-]+", "_", row_name).strip("_") + ".json")
+
+
+def add_drop_intervals(rows: dict[str, dict[str, Any]], val: CocoDetection) -> None:
+    """Each row with saved predictions gets its mAP@.5:.95 drop from float with the 95 % paired-bootstrap interval
+    over the val images (rows from partial_quant.py bring theirs)."""
+    path = rows.get("float", {}).get("predictions")
+    if not path or not Path(path).is_file():
+        return
+    reference = evaluate_predictions(path, val)["matches"]
+    for name, row in rows.items():
+        if name != "float" and Path(row.get("predictions") or "-").is_file():
+            result = paired_bootstrap(reference, evaluate_predictions(row["predictions"], val)["matches"])
+            row["drop_interval"] = {k: round(result["mAP50_95"][k], 4) for k in ("drop", "low", "high")}
+
+
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'model':<72} {'mAP50:95':>9} {'mAP50':>7} {'INT8 layers':>12} {'seconds':>8}"]
+    lines = [f"{'model':<72} {'mAP50:95':>9} {'drop [95 % interval]':>26} {'mAP50':>7} {'INT8 layers':>12} "
+             f"{'seconds':>8}"]
     for name, r in rows.items():
         if "mAP50_95" not in r:
             continue
         int8 = f"{r['int8_layers']}/{r['total_layers']}" if "int8_layers" in r else "-"
-        lines.append(f"{name:<72} {r['mAP50_95']:>9.4f} {r.get('mAP50', float('nan')):>7.4f} {int8:>12} "
-                     f"{r.get('seconds', r.get('search_s', r.get('qat_s', float('nan')))):>8.1f}")
+        d = r.get("drop_interval")
+        drop = f"{d['drop']:.4f} [{d['low']:.4f}, {d['high']:.4f}]" if d else "-"
+        lines.append(f"{name:<72} {r['mAP50_95']:>9.4f} {drop:>26} {r.get('mAP50', float('nan')):>7.4f} "
+                     f"{int8:>12} {r.get('seconds', r.get('search_s', r.get('qat_s', float('nan')))):>8.1f}")
     return "\n".join(lines)
 
 
@@ -524,8 +551,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
     start = time.perf_counter()
     fp = evaluate(TorchRunner(load_model(args.weights), device), val, args.batch_size, args.workers,
-                  progress=not args.no_progress)
-    rows = {"float": {**_maps(fp), "seconds": round(time.perf_counter() - start, 1)}}
+                  progress=not args.no_progress, save_json=predictions_file(out, "float"))
+    rows = {"float": {**_maps(fp), "seconds": round(time.perf_counter() - start, 1),
+                      "predictions": str(predictions_file(out, "float"))}}
     rows.update(full_int8_rows(args, val, device, out))
     write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
     partials, our_partial = {}, None
@@ -555,6 +583,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_qat:
         rows.update(qat_rows(args, out, val, partials))
         write_json(out / "rows_so_far.json", rows)
+    add_drop_intervals(rows, val)
     quality = {} if args.no_proxy_quality else proxy_quality(args, out)
     print(format_table(rows), flush=True)
     if quality:

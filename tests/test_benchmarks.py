@@ -91,6 +91,13 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
                           "QAT full INT8 (1 epoch, learned amax) Q/DQ ONNX (ORT)", "QAT ours (1 epoch, learned amax)",
                           "QAT ours (1 epoch, learned amax) Q/DQ ONNX (ORT)", qat_eq, f"{qat_eq} Q/DQ ONNX (ORT)"]
     assert rows["int8 max + eq all a0.5"]["transform"]["equalize"]["layers"] > 0
+    # every measured drop carries its interval against float: full INT8 and ONNX rows from their saved predictions,
+    # the partial rows from partial_quant.py
+    for name in ("int8 max", "int8 percentile-99.99 + eq all a0.5", "ours Q/DQ ONNX (ORT)", ours, ours_eq):
+        d = rows[name]["drop_interval"]
+        assert d["low"] <= d["drop"] <= d["high"], name
+    assert rows["int8 max"]["drop_interval"]["drop"] == round(rows["float"]["mAP50_95"] - rows["int8 max"]["mAP50_95"],
+                                                              4)
     assert calibration.load_calibrated(tmp_path / "out" / "calibrated_percentile-99.99_eq.pt").quant_transform
     qat = rows["QAT full INT8 (1 epoch, learned amax)"]
     assert qat["int8_layers"] == qat["total_layers"] and qat["loss_after"] < qat["loss_before"]
