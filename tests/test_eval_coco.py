@@ -210,8 +210,9 @@ def test_a_calibrated_checkpoint_is_evaluated_fake_quantized(synthetic, tmp_path
     expected_float = evaluate(TorchRunner(load_model(bundled)), dataset, batch_size=8, workers=0,
                               progress=False)["mAP50_95"]
     parser = eval_coco.get_args_parser()
-    got = eval_coco.main(parser.parse_args(_eval_args(path, synthetic, tmp_path)))
-    got_float = eval_coco.main(parser.parse_args(_eval_args(path, synthetic, tmp_path, "--float")))
+    got = eval_coco.main(parser.parse_args(_eval_args(path, synthetic, tmp_path, "--letterbox", "square")))
+    got_float = eval_coco.main(parser.parse_args(_eval_args(path, synthetic, tmp_path, "--float", "--letterbox",
+                                                            "square")))
     assert got["backend"] == "pytorch fake-quant int8" and got["mAP50_95"] == pytest.approx(expected_int, abs=1e-6)
     assert got_float["mAP50_95"] == pytest.approx(expected_float, abs=1e-4)
     assert expected_float > 0.3 and abs(expected_int - expected_float) > 1e-3  # really two different models
