@@ -156,7 +156,7 @@ def compare(args: argparse.Namespace, model: dict[str, Any]) -> dict[str, Any]:
     baseline = measure(args, args.baseline, matches=True)
     result = paired_bootstrap(baseline.pop("matches"), model["matches"], resamples=args.resamples, seed=args.seed)
     print(f"drop vs {args.baseline} ({baseline['mAP50_95']:.4f} / {baseline['mAP50']:.4f}): "
-          f"mAP@0.5:0.95 {format_drop(result)}  mAP@0.5 {format_drop(result, 'mAP50')}  "
+          f"mAP@0.5:0.95 {format_drop(result['mAP50_95'])}  mAP@0.5 {format_drop(result['mAP50'])}  "
           f"({result['level']:.0%} interval, {result['resamples']} paired resamples of {result['images']} images)")
     baseline.pop("summary_text", None)
     return {**result, "baseline": {k: baseline[k] for k in ("weights", "backend", "mAP50_95", "mAP50")}}

@@ -68,12 +68,12 @@ from utils.data.coco import CocoDetection  # noqa: E402
 from utils.deploy.onnx_export import export_verified, verification_batch  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.fileio import ensure_folder  # noqa: E402
-from utils.inference.bootstrap import paired_bootstrap  # noqa: E402
+from utils.inference.bootstrap import format_drop, paired_bootstrap, rounded_drop  # noqa: E402
 from utils.inference.evaluate import evaluate, evaluate_predictions  # noqa: E402
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
 from utils.quant.equalize import CHOICES as EQUALIZE_CHOICES  # noqa: E402
-from utils.quant.equalize import TransformSettings  # noqa: E402
+from utils.quant.equalize import RANGE_PERCENTILE, TransformSettings  # noqa: E402
 from utils.sensitivity.agreement import sensitivity_scores, spearman, top_k_overlap  # noqa: E402
 from utils.sensitivity.metrics import DIRECTIONS, PROXY_METHODS, key_column  # noqa: E402
 
@@ -156,7 +156,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="the equalized rows' --equalize (none: no equalized rows): every --calibrators row again "
                           "with it, ours from the equalized --method-calibrator calibration, QAT from it")
     run.add_argument("--equalize-alpha", type=float, default=1.0, metavar="A", help="see partial_quant.py")
-    run.add_argument("--equalize-percentile", type=float, default=100.0, metavar="P", help="see partial_quant.py")
+    run.add_argument("--equalize-percentile", type=float, default=RANGE_PERCENTILE, metavar="P",
+                     help="see partial_quant.py")
     run.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
                      help="the equalized rows also correct biases")
     run.add_argument("--no-seed", action="store_true",
@@ -517,7 +518,7 @@ def add_drop_intervals(rows: dict[str, dict[str, Any]], val: CocoDetection) -> N
     for name, row in rows.items():
         if name != "float" and Path(row.get("predictions") or "-").is_file():
             result = paired_bootstrap(reference, evaluate_predictions(row["predictions"], val)["matches"])
-            row["drop_interval"] = {k: round(result["mAP50_95"][k], 4) for k in ("drop", "low", "high")}
+            row["drop_interval"] = rounded_drop(result)
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -527,8 +528,7 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
         if "mAP50_95" not in r:
             continue
         int8 = f"{r['int8_layers']}/{r['total_layers']}" if "int8_layers" in r else "-"
-        d = r.get("drop_interval")
-        drop = f"{d['drop']:.4f} [{d['low']:.4f}, {d['high']:.4f}]" if d else "-"
+        drop = format_drop(r["drop_interval"]) if "drop_interval" in r else "-"
         lines.append(f"{name:<72} {r['mAP50_95']:>9.4f} {drop:>26} {r.get('mAP50', float('nan')):>7.4f} "
                      f"{int8:>12} {r.get('seconds', r.get('search_s', r.get('qat_s', float('nan')))):>8.1f}")
     return "\n".join(lines)
@@ -550,10 +550,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device, out = start_run(args)
     val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
     start = time.perf_counter()
+    float_predictions = predictions_file(out, "float")
     fp = evaluate(TorchRunner(load_model(args.weights), device), val, args.batch_size, args.workers,
-                  progress=not args.no_progress, save_json=predictions_file(out, "float"))
+                  progress=not args.no_progress, save_json=float_predictions)
     rows = {"float": {**_maps(fp), "seconds": round(time.perf_counter() - start, 1),
-                      "predictions": str(predictions_file(out, "float"))}}
+                      "predictions": str(float_predictions)}}
     rows.update(full_int8_rows(args, val, device, out))
     write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
     partials, our_partial = {}, None

@@ -111,7 +111,7 @@ def test_the_interval_is_a_proportions_interval():
     assert drop["high"] == pytest.approx(drop["drop"] + 0.069, abs=0.015)
     assert result == paired_bootstrap(ImageMatches(coco, reference, ids), ImageMatches(coco, found, ids),
                                       resamples=400)  # seeded
-    assert format_drop(result).startswith(f"{drop['drop']:.4f} [")
+    assert format_drop(drop).startswith(f"{drop['drop']:.4f} [")
 
 
 def test_no_detections_and_mismatched_images():

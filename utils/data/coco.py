@@ -308,8 +308,7 @@ class CocoDetection(Dataset):
     def _place_on_rect_canvases(self, stride: int) -> None:
         # YOLOv6 orders its image paths by name before sorting them by aspect ratio; so do we, for the same ties.
         by_name = sorted(range(len(self.image_ids)), key=lambda i: self.coco.imgs[self.image_ids[i]]["file_name"])
-        groups, canvases = rect_canvases([self._stored_hw(by_name[k]) for k in range(len(by_name))],
-                                         self.img_size, stride)
+        groups, canvases = rect_canvases([self._stored_hw(i) for i in by_name], self.img_size, stride)
         self._groups = [[by_name[k] for k in group] for group in groups]
         self._canvases = [(0, 0)] * len(self.image_ids)
         for k, canvas in enumerate(canvases):
@@ -393,7 +392,7 @@ class CocoDetection(Dataset):
             _logger.warning("image %s is %s but the annotation file says %s (h, w): boxes may be off",
                             item["path"], item["orig_hw"], json_hw)
         targets = torch.from_numpy(self._targets[img_id].copy())
-        ratio_y, ratio_x = item["ratio"] if isinstance(item["ratio"], tuple) else (item["ratio"], item["ratio"])
+        ratio_y, ratio_x = item["ratio"]
         targets[:, [1, 3]] *= ratio_x
         targets[:, [2, 4]] *= ratio_y
         targets[:, [1, 3]] += item["pad"][0]

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from utils.fallback.rules import PartialModel
-from utils.inference.bootstrap import ImageMatches, paired_bootstrap
+from utils.inference.bootstrap import ImageMatches, paired_bootstrap, rounded_drop
 
 
 def format_steps(steps: Sequence[dict[str, Any]]) -> str:
@@ -38,8 +38,7 @@ def drop_intervals(matches: Mapping[str, ImageMatches], seed: int = 0) -> dict[s
     for row, other in matches.items():
         if row != "fp":
             result = paired_bootstrap(matches["fp"], other, seed=seed)
-            out[row] = {metric: {k: round(result[metric][k], 4) for k in ("drop", "low", "high")}
-                        for metric in ("mAP50_95", "mAP50")}
+            out[row] = {metric: rounded_drop(result, metric) for metric in ("mAP50_95", "mAP50")}
             out[row].update(resamples=result["resamples"], level=result["level"])
     return out
 

@@ -45,53 +45,21 @@ class ImageMatches:
 
     def __init__(self, coco_gt: COCO, predictions: Sequence[dict[str, Any]], image_ids: Sequence[int]):
         self.image_ids = sorted(int(i) for i in image_ids)  # pycocotools order (CocoEvaluator.summarize sorts)
-        index = {image_id: i for i, image_id in enumerate(self.image_ids)}
-        self._categories: list[_CategoryMatches] = []
-        if not predictions:
-            evaluated = self._no_detections(coco_gt, index)
-        else:
+        self._categories: list[_CategoryMatches] = []  # none without detections: every precision is then 0
+        if predictions:
             with contextlib.redirect_stdout(io.StringIO()):
                 coco_eval = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(list(predictions))), "bbox")
                 coco_eval.params.imgIds = self.image_ids
                 coco_eval.evaluate()
-            evaluated = self._from_coco_eval(coco_eval, index)
-        self._categories = evaluated
+            self._categories = _category_matches(coco_eval)
 
-    @staticmethod
-    def _from_coco_eval(coco_eval: COCOeval, index: dict[int, int]) -> list[_CategoryMatches]:
-        params = coco_eval.params
-        images, areas = len(params.imgIds), len(params.areaRng)
-        max_det = params.maxDets[-1]
-        out = []
-        for k in range(len(params.catIds)):
-            # evalImgs is laid out category-major, then area range (0: all), then image
-            entries = [e for e in coco_eval.evalImgs[k * areas * images:k * areas * images + images] if e is not None]
-            if not entries:
-                continue
-            gt_per_image = np.zeros(images)
-            for e in entries:
-                gt_per_image[index[e["image_id"]]] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
-            if not gt_per_image.any():
-                continue  # COCO leaves a category without ground truth out of the mean
-            scores = np.concatenate([np.asarray(e["dtScores"][:max_det]) for e in entries])
-            order = np.argsort(-scores, kind="mergesort")
-            image = np.concatenate([np.full(len(e["dtScores"][:max_det]), index[e["image_id"]]) for e in entries])
-            matched = np.concatenate([e["dtMatches"][:, :max_det] for e in entries], axis=1)[:, order] != 0
-            ignored = np.concatenate([e["dtIgnore"][:, :max_det] for e in entries], axis=1)[:, order].astype(bool)
-            out.append(_CategoryMatches(image[order], matched, ignored, gt_per_image))
-        return out
-
-    @staticmethod
-    def _no_detections(coco_gt: COCO, index: dict[int, int]) -> list[_CategoryMatches]:
-        out = []
-        for cat_id in sorted(coco_gt.cats):
-            gt_per_image = np.zeros(len(index))
-            for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(index), catIds=[cat_id])):
-                gt_per_image[index[ann["image_id"]]] += 0 if ann.get("iscrowd", 0) else 1
-            if gt_per_image.any():
-                out.append(_CategoryMatches(np.zeros(0, int), np.zeros((10, 0), bool), np.zeros((10, 0), bool),
-                                            gt_per_image))
-        return out
+    @classmethod
+    def from_coco_eval(cls, coco_eval: COCOeval) -> ImageMatches:
+        """The matching of a COCOeval that has run ``evaluate()`` (its work is reused, not repeated)."""
+        matches = cls.__new__(cls)
+        matches.image_ids = [int(i) for i in coco_eval.params.imgIds]
+        matches._categories = _category_matches(coco_eval)
+        return matches
 
     def map(self, weights: np.ndarray | None = None) -> tuple[float, float]:
         """(mAP@.5:.95, mAP@.5) with image i counted ``weights[i]`` times (None: once each, pycocotools' figures)."""
@@ -111,15 +79,39 @@ class ImageMatches:
         return float(stacked.mean()), float(stacked[:, 0].mean())
 
 
+def _category_matches(coco_eval: COCOeval) -> list[_CategoryMatches]:
+    """Each category's detections (with ground truth on the evaluated images) from an evaluated COCOeval."""
+    params = coco_eval.params
+    index = {int(image_id): i for i, image_id in enumerate(params.imgIds)}
+    images, areas = len(params.imgIds), len(params.areaRng)
+    max_det = params.maxDets[-1]
+    out = []
+    for k in range(len(params.catIds)):
+        # evalImgs is laid out category-major, then area range (0: all), then image
+        entries = [e for e in coco_eval.evalImgs[k * areas * images:k * areas * images + images] if e is not None]
+        gt_per_image = np.zeros(images)
+        for e in entries:
+            gt_per_image[index[e["image_id"]]] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+        if not gt_per_image.any():
+            continue  # COCO leaves a category without ground truth out of the mean
+        scores = np.concatenate([np.asarray(e["dtScores"][:max_det]) for e in entries])
+        order = np.argsort(-scores, kind="mergesort")
+        image = np.concatenate([np.full(len(e["dtScores"][:max_det]), index[e["image_id"]]) for e in entries])
+        matched = np.concatenate([e["dtMatches"][:, :max_det] for e in entries], axis=1)[:, order] != 0
+        ignored = np.concatenate([e["dtIgnore"][:, :max_det] for e in entries], axis=1)[:, order].astype(bool)
+        out.append(_CategoryMatches(image[order], matched, ignored, gt_per_image))
+    return out
+
+
 def _precision_at_recalls(matched: np.ndarray, ignored: np.ndarray, weights: np.ndarray,
                           ground_truths: float) -> np.ndarray:
     """[T, 101] interpolated precision at COCO's recall points, as COCOeval.accumulate computes it."""
     tp = np.cumsum((matched & ~ignored) * weights, axis=1)
     fp = np.cumsum((~matched & ~ignored) * weights, axis=1)
     out = np.zeros((matched.shape[0], len(_RECALLS)))
+    if tp.shape[1] == 0:
+        return out
     for t in range(matched.shape[0]):
-        if tp.shape[1] == 0:
-            continue
         recall = tp[t] / ground_truths
         precision = tp[t] / (fp[t] + tp[t] + _EPS)
         envelope = np.maximum.accumulate(precision[::-1])[::-1]  # COCO's "max to the right"
@@ -159,7 +151,11 @@ def paired_bootstrap(reference: ImageMatches, model: ImageMatches, resamples: in
     return out
 
 
-def format_drop(result: dict[str, Any], metric: str = "mAP50_95") -> str:
-    """'0.0078 [0.0031, 0.0125]': a drop with its interval, for tables and summaries."""
-    d = result[metric]
-    return f"{d['drop']:.4f} [{d['low']:.4f}, {d['high']:.4f}]"
+def rounded_drop(result: dict[str, Any], metric: str = "mAP50_95") -> dict[str, float]:
+    """{drop, low, high} of one metric of a ``paired_bootstrap`` result, to 4 decimals (reports keep these)."""
+    return {k: round(result[metric][k], 4) for k in ("drop", "low", "high")}
+
+
+def format_drop(drop: dict[str, float]) -> str:
+    """'0.0078 [0.0031, 0.0125]': a {drop, low, high} for tables and summaries."""
+    return f"{drop['drop']:.4f} [{drop['low']:.4f}, {drop['high']:.4f}]"

@@ -17,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 from utils.errors import InputError
 from utils.fileio import atomic_write_text
+from utils.inference.bootstrap import ImageMatches
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class CocoEvaluator:
         self.cat_ids = [None if c is None else int(c) for c in cat_ids]
         self._predictions: list[dict[str, Any]] = []
         self._image_ids: dict[int, None] = {}  # insertion-ordered set
+        self._all: tuple[tuple[int, int] | None, COCOeval | None] = (None, None)  # (updates seen, their matching)
 
     @property
     def predictions(self) -> list[dict[str, Any]]:
@@ -130,11 +132,7 @@ class CocoEvaluator:
             return metrics
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            # loadRes adds keys to the dicts it gets, so give it copies and keep `predictions` clean.
-            coco_dt = self.coco_gt.loadRes(copy.deepcopy(predictions))
-            coco_eval = COCOeval(self.coco_gt, coco_dt, "bbox")
-            coco_eval.params.imgIds = sorted(ids)
-            coco_eval.evaluate()
+            coco_eval = self._matched(ids, predictions) if image_ids is not None else self._matched_all()
             coco_eval.accumulate()
         summary = io.StringIO()
         with contextlib.redirect_stdout(summary):
@@ -143,6 +141,28 @@ class CocoEvaluator:
         metrics = {name: float(value) for name, value in zip(METRIC_NAMES, coco_eval.stats)}
         metrics["summary_text"] = summary.getvalue().rstrip("\n")
         return metrics
+
+    def _matched(self, ids: set[int], predictions: list[dict[str, Any]]) -> COCOeval:
+        """COCOeval after ``evaluate()`` (the per-image matching) on ``ids``."""
+        # loadRes adds keys to the dicts it gets, so give it copies and keep `predictions` clean.
+        coco_eval = COCOeval(self.coco_gt, self.coco_gt.loadRes(copy.deepcopy(predictions)), "bbox")
+        coco_eval.params.imgIds = sorted(ids)
+        coco_eval.evaluate()
+        return coco_eval
+
+    def _matched_all(self) -> COCOeval:
+        """The matching of every updated image, computed once for the summary and the bootstrap alike."""
+        key = (len(self._predictions), len(self._image_ids))  # updates since the last matching invalidate it
+        if self._all[0] != key:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._all = (key, self._matched(set(self._image_ids), self._predictions))
+        return self._all[1]
+
+    def matches(self) -> ImageMatches:
+        """The per-image matching of every updated image, for ``bootstrap.paired_bootstrap``."""
+        if not self._predictions:
+            return ImageMatches(self.coco_gt, [], self.image_ids)
+        return ImageMatches.from_coco_eval(self._matched_all())
 
     def save_json(self, path: str | os.PathLike[str]) -> None:
         """Write the predictions as a COCO results JSON, atomically (temp file in the same folder, then rename)."""

@@ -12,7 +12,6 @@ from tqdm import tqdm
 
 from utils.data.coco import CocoDetection, create_dataloader, scale_boxes_to_original
 from utils.errors import InputError
-from utils.inference.bootstrap import ImageMatches
 from utils.inference.coco_eval import CocoEvaluator
 from utils.inference.postprocess import non_max_suppression
 from utils.inference.runners import Runner
@@ -109,7 +108,7 @@ def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, worker
     if save_json is not None:
         evaluator.save_json(save_json)
     if matches:
-        metrics["matches"] = ImageMatches(dataset.coco, evaluator.predictions, evaluator.image_ids)
+        metrics["matches"] = evaluator.matches()
     metrics.update(images=images, unreadable=unreadable, seconds=round(seconds, 3),
                    images_per_s=round(images / seconds, 2) if seconds > 0 else 0.0)
     return metrics
@@ -146,6 +145,5 @@ def evaluate_predictions(path: str | Path, dataset: CocoDetection) -> dict[str, 
     evaluator = CocoEvaluator(dataset.coco, list(dataset.cat_ids))
     evaluator.load(predictions, dataset.image_ids)
     metrics = evaluator.summarize()
-    metrics.update(matches=ImageMatches(dataset.coco, predictions, dataset.image_ids), images=len(dataset.image_ids),
-                   unreadable=0)
+    metrics.update(matches=evaluator.matches(), images=len(dataset.image_ids), unreadable=0)
     return metrics

@@ -45,6 +45,7 @@ _logger = logging.getLogger(__name__)
 KINDS = ("depthwise", "conv")  # what --equalize selects: depthwise convs, every other conv
 CHOICES = ("none", "depthwise", "all", "auto")  # the user-facing settings; auto picks by head SQNR
 _BINS = 2048  # per-channel histogram bins for percentile ranges
+RANGE_PERCENTILE = 100.0  # default channel range: the max (best on COCO train of the grid in README)
 MIN_SCALE = 1e-3  # s_c floor: a channel is never amplified more than 1000x (FP16 engines keep the constants)
 _HOMOGENEOUS = ("relu",)  # f(x / s) = f(x) / s for s > 0: 1/s folds through these into the producing conv
 
@@ -100,7 +101,7 @@ def _layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], batches: It
 
 
 def channel_ranges(model: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[torch.Tensor],
-                   percentile: float = 100.0) -> dict[str, torch.Tensor]:
+                   percentile: float = RANGE_PERCENTILE) -> dict[str, torch.Tensor]:
     """Per input channel of each layer, the ``percentile`` of |x| over the float model's inputs on ``batches``
     (100: the max). Percentiles come from a per-channel histogram of ``_BINS`` bins over [0, max]."""
     maxima: dict[str, torch.Tensor] = {}
@@ -265,7 +266,7 @@ def apply_scales(model: nn.Module, scales: Mapping[str, torch.Tensor], folded: M
 
 
 def equalize(model: nn.Module, batches: Sequence[torch.Tensor], kinds: Sequence[str], alpha: float = 1.0,
-             percentile: float = 100.0, fold: bool = True) -> dict[str, Any]:
+             percentile: float = RANGE_PERCENTILE, fold: bool = True) -> dict[str, Any]:
     """Equalize the inputs of the quantized ``model``'s convs of ``kinds`` (in place, before calibration) from
     per-channel ranges on ``batches``; the float function is unchanged. Returns the transform record, also kept as
     ``model.quant_transform["equalize"]``.
@@ -428,7 +429,7 @@ class TransformSettings:
 
     equalize: str = "none"
     alpha: float = 1.0
-    percentile: float = 100.0
+    percentile: float = RANGE_PERCENTILE
     bias_correction: bool = False
     auto_images: int = 16  # equalize=auto: images its head-SQNR criterion is measured on
 
@@ -455,7 +456,7 @@ def add_transform_arguments(group: Any) -> None:
     group.add_argument("--equalize-alpha", type=float, default=1.0, metavar="A",
                        help="migration strength in [0, 1]: 1 moves all of the input's channel imbalance into the "
                             "weights, 0.5 splits it with the weights' own (regular convs)")
-    group.add_argument("--equalize-percentile", type=float, default=100.0, metavar="P",
+    group.add_argument("--equalize-percentile", type=float, default=RANGE_PERCENTILE, metavar="P",
                        help="each channel's range for --equalize: this percentile of |x| (default 100: the max; "
                             "chosen on COCO train images, README)")
     group.add_argument("--bias-correction", action="store_true",
