@@ -19,7 +19,7 @@ from utils.cli import (
     unit_interval,
     write_json,
 )
-from utils.data.coco import LETTERBOXES, RECT_GROUP, CocoDetection
+from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride
 from utils.errors import InputError
 from utils.inference.bootstrap import RESAMPLES, format_drop, paired_bootstrap
 from utils.inference.evaluate import evaluate, evaluate_predictions
@@ -54,11 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--img-size", type=img_size, default=None, metavar="N",
                       help=f"letterbox size, a multiple of 32 (default: the ONNX model's or engine's fixed size, "
                            f"else {DEFAULT_IMG_SIZE})")
-    data.add_argument("--letterbox", choices=LETTERBOXES, default=None,
-                      help="image geometry: rect is YOLOv6's own evaluation (tools/eval.py: rectangular canvases per "
-                           f"{RECT_GROUP} images of similar aspect ratio; the mAP YOLOv6 reports), square one "
-                           "img-size canvas for every image (what a static-shape ONNX model or engine takes). "
-                           "Default: rect for PyTorch checkpoints, square for fixed-size ONNX models and engines")
+    add_letterbox_argument(data, default=None, extra_help=". Default: rect for PyTorch checkpoints, square for "
+                                                          "fixed-size ONNX models and engines")
     data.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch")
     data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     data.add_argument("--max-images", type=positive_int, default=None, metavar="N",
@@ -139,9 +136,8 @@ def measure(args: argparse.Namespace, weights: str, matches: bool) -> dict[str, 
     runner = make_runner(model_args, args.device if engine else resolve_device(args.device))
     size = choose_img_size(args.img_size, runner.input_hw)
     letterbox = choose_letterbox(args.letterbox, runner.input_hw)
-    stride = int(getattr(getattr(runner, "model", None), "max_stride", 32))
     dataset = CocoDetection(args.data, args.images, img_size=size, max_images=args.max_images, letterbox=letterbox,
-                            stride=stride)
+                            stride=model_stride(getattr(runner, "model", None)))
     _logger.info("evaluating %s [%s] on %d images at %d px (%s letterbox)", weights, runner.name, len(dataset),
                  size, letterbox)
     save_json = args.save_json if weights == args.weights else None

@@ -36,14 +36,14 @@ from utils.cli import (
     write_json,
 )
 from utils.data.calibration import calibration_loader, proxy_batches
-from utils.data.coco import CocoDetection
+from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride
 from utils.deploy.onnx_export import build_hint, export_verified, trtexec_lines, verification_batch
 from utils.errors import InputError
 from utils.fallback.report import drop_intervals, format_summary, summary
 from utils.fallback.rerank import GreedyOrder, search_rerank
 from utils.fallback.rules import PartialModel, check_ranking, choose_float_layers
 from utils.fileio import check_output_file
-from utils.inference.bootstrap import ImageMatches
+from utils.inference.bootstrap import DropBootstrap, ImageMatches, predicted_interval, rounded_drop
 from utils.inference.evaluate import evaluate
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner
 from utils.quant import calibration
@@ -55,6 +55,8 @@ from utils.sensitivity.probes import ProxyProbe
 from utils.sensitivity.report import read_ranking
 
 _logger = logging.getLogger("partial_quant")
+STOP_RULES = ("point", "upper")  # --stop-on
+DEFAULT_STOP = "point"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,6 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="COCO annotations (without them the partial model and its ONNX are written, mAP unmeasured)")
     ev.add_argument("--images", default=None, metavar="DIR", help="images of --data")
     ev.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="first N images only")
+    add_letterbox_argument(ev, extra_help=" (the search set's too; --eval-onnx runs the fixed-size ONNX and a float "
+                                          "reference for its drop on square canvases)")
     fb = parser.add_argument_group("float fallback (exactly one of --skip-layers, --quant-boundary, --target-drop)")
     fb.add_argument("--sensitivity-file", default=None, metavar="FILE",
                     help="ranking (.json or .txt); not used with --rerank")
@@ -93,6 +97,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     rule.add_argument("--quant-boundary", type=non_negative_int, metavar="K",
                       help="YOLOv6's rule: indices 0..K (K+1 layers) of the least-to-most sensitive list are INT8")
     rule.add_argument("--target-drop", type=float, metavar="D", help="largest allowed mAP50:95 drop, e.g. 0.003")
+    fb.add_argument("--stop-on", choices=STOP_RULES, default=DEFAULT_STOP,
+                    help="--target-drop: what must be <= D on the search set: point, the measured drop; upper, the "
+                         "upper end of its 95 %% paired-bootstrap interval over the search images (stricter: holds "
+                         "on other images more often)")
     fb.add_argument("--max-float-layers", type=non_negative_int, default=None, metavar="N",
                     help="--target-drop: at most N float layers (default: the whole ranking)")
     fb.add_argument("--no-revert", action="store_true", help="--target-drop: skip the revert pass")
@@ -166,16 +174,26 @@ def check_args(args: argparse.Namespace) -> None:
                          "with --rerank PROXY")
 
 
+def report_set(args: argparse.Namespace, stride: int, letterbox: str | None = None) -> CocoDetection | None:
+    """The --data images every reported mAP is measured on (None without --data), in --letterbox geometry."""
+    if args.data is None:
+        return None
+    return CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images,
+                         letterbox=letterbox or args.letterbox, stride=stride)
+
+
 def search_set(args: argparse.Namespace, report_set: CocoDetection) -> CocoDetection:
     """The labelled images the --target-drop search measures on: its own set, or (with a warning) the report set."""
+    stride = report_set.stride
     if args.search_data is not None:
         return CocoDetection(args.search_data, args.search_images, img_size=args.img_size,
-                             max_images=args.search_max_images)
+                             max_images=args.search_max_images, letterbox=args.letterbox, stride=stride)
     if args.target_drop is not None:
         _logger.warning("--target-drop searches on the report set (--data): the partial mAP it reports is optimistic; "
                         "pass --search-data/--search-images (e.g. labelled training images) to keep them apart")
     if args.search_max_images is not None:
-        return CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.search_max_images)
+        return CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.search_max_images,
+                             letterbox=args.letterbox, stride=stride)
     return report_set
 
 
@@ -185,10 +203,11 @@ def search_record(args: argparse.Namespace, dataset: CocoDetection, same: bool, 
             "num_images": len(dataset), "same_as_report": same, **maps}
 
 
-def calibrated(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+def calibrated(args: argparse.Namespace, model: torch.nn.Module,
+               device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     loader = None if args.calib_weights else calibration_loader(
         args.data_root, args.img_size, args.batch_size, args.batch_number, args.workers)
-    return calibrated_model(load_model(args.weights, deploy=True), calib_weights=args.calib_weights,
+    return calibrated_model(model, calib_weights=args.calib_weights,
                             loader=loader, batch_number=args.batch_number, calib_method=args.calib_method,
                             percentile=args.percentile, device=device,
                             entropy_stride=args.entropy_stride, transform=TransformSettings.from_args(args))
@@ -240,41 +259,84 @@ def write_unmeasured(args: argparse.Namespace, paths: dict[str, Path], qmodel: t
     return {k: v for k, v in report.items() if k not in ("steps", "sharing", "args")}
 
 
+class Measurer:
+    """mAP50:95 of the partial model with a given float set, on the search set (what the search compares) or the
+    report set (a named row, whose mAP@.5 and per-image matching are kept for the report and its intervals).
+    ``stop_on="upper"``: the search sees fp minus the upper end of the drop's 95 % interval on the search images."""
+
+    def __init__(self, args: argparse.Namespace, model: PartialModel, qmodel: torch.nn.Module, device: torch.device,
+                 searching: CocoDetection):
+        self.args, self.model, self.qmodel, self.device, self.searching = args, model, qmodel, device, searching
+        self.map50: dict[str, float] = {}  # report-set rows' mAP@.5, beside the mAP@.5:.95 that decides
+        self.matches: dict[str, ImageMatches] = {}  # report-set rows' per-image matching, for their intervals
+        self.search_reference: DropBootstrap | None = None  # the float model on the search images
+        self.last_search: dict[str, Any] = {}  # the latest search-set evaluation: float set and matching
+
+    def evaluate(self, float_layers: list[str], dataset: CocoDetection) -> dict[str, Any]:
+        self.model.set_float(float_layers)
+        return evaluate(TorchRunner(self.qmodel, self.device), dataset, self.args.batch_size, self.args.workers,
+                        progress=not self.args.no_progress, matches=True)
+
+    def row(self, name: str, float_layers: list[str], dataset: CocoDetection) -> float:
+        metrics = self.evaluate(float_layers, dataset)
+        self.map50[name], self.matches[name] = metrics["mAP50"], metrics["matches"]
+        if name == "fp" and dataset is self.searching:  # searching on the report set: the same reference
+            self.search_reference = DropBootstrap(metrics["matches"], seed=self.args.seed)
+        return metrics["mAP50_95"]
+
+    def search_float(self) -> float:
+        """The float model on the search set: the reference of every search-set drop."""
+        metrics = self.evaluate(list(self.model.layers), self.searching)
+        self.search_reference = DropBootstrap(metrics["matches"], seed=self.args.seed)
+        return metrics["mAP50_95"]
+
+    def search_ptq(self) -> float:
+        return self.evaluate([], self.searching)["mAP50_95"]
+
+    def __call__(self, float_layers: list[str]) -> float:
+        """What the search compares with fp - D: the search-set mAP (point), or fp - the drop's upper bound."""
+        metrics = self.evaluate(float_layers, self.searching)
+        self.last_search = {"float_layers": sorted(float_layers), "matches": metrics["matches"]}
+        if self.args.stop_on == "upper":
+            result = self.search_reference.compare(metrics["matches"])["mAP50_95"]
+            return result["reference"] - result["high"]
+        return metrics["mAP50_95"]
+
+    def search_interval(self, float_layers: list[str], report_images: int) -> dict[str, Any]:
+        """The chosen model's search-set drop with its 95 % interval, and where that predicts the drop on
+        ``report_images`` other images to fall."""
+        if self.last_search.get("float_layers") != sorted(float_layers):
+            self(float_layers)
+        result = self.search_reference.compare(self.last_search["matches"])
+        return {"drop_interval": rounded_drop(result), "predicted_report_interval": predicted_interval(
+            result, report_images), "resamples": result["resamples"], "level": result["level"]}
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     check_args(args)
     paths = output_paths(args)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    report_set = None if args.data is None else \
-        CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
-    searching = None if report_set is None else search_set(args, report_set)
-    qmodel, calib = calibrated(args, device)
+    float_model = load_model(args.weights, deploy=True)
+    reporting = report_set(args, model_stride(float_model))
+    searching = None if reporting is None else search_set(args, reporting)
+    qmodel, calib = calibrated(args, float_model, device)
     model = PartialModel(qmodel)
     order: list[str] = []
     if not args.rerank:
         order = read_ranking(args.sensitivity_file)
         check_ranking(order, model.layers, str(args.sensitivity_file))
-
-    map50: dict[str, float] = {}  # mAP@.5 of the report-set rows, recorded beside the mAP@.5:.95 that decides
-    matches: dict[str, ImageMatches] = {}  # the report-set rows' per-image matching, for their drops' intervals
-
-    def measure(float_layers: list[str], dataset: CocoDetection = searching, row: str | None = None) -> float:
-        model.set_float(float_layers)
-        metrics = evaluate(TorchRunner(qmodel, device), dataset, args.batch_size, args.workers,
-                           progress=not args.no_progress, matches=row is not None)
-        if row is not None:
-            map50[row], matches[row] = metrics["mAP50"], metrics["matches"]
-        return metrics["mAP50_95"]
-
-    if report_set is None:  # --skip-layers / --quant-boundary need no evaluation
+    if reporting is None:  # --skip-layers / --quant-boundary need no evaluation
         return write_unmeasured(args, paths, qmodel, model, calib, order, start)
-    fp_map, ptq_map = measure(list(model.layers), report_set, "fp"), measure([], report_set, "ptq")
-    _logger.info("FP mAP50:95 %.4f, full PTQ %.4f (drop %.4f)", fp_map, ptq_map, fp_map - ptq_map)
-    same = searching is report_set
+    measure = Measurer(args, model, qmodel, device, searching)
+    fp_map, ptq_map = measure.row("fp", list(model.layers), reporting), measure.row("ptq", [], reporting)
+    _logger.info("FP mAP50:95 %.4f, full PTQ %.4f (drop %.4f) [%s letterbox]", fp_map, ptq_map, fp_map - ptq_map,
+                 args.letterbox)
+    same = searching is reporting
     search_maps = {"fp_map": fp_map, "ptq_map": ptq_map}
     if args.target_drop is not None and not same:
-        search_maps = {"fp_map": measure(list(model.layers)), "ptq_map": measure([])}
+        search_maps = {"fp_map": measure.search_float(), "ptq_map": measure.search_ptq()}
         _logger.info("search set: FP mAP50:95 %.4f, full PTQ %.4f", search_maps["fp_map"], search_maps["ptq_map"])
     log_step = lambda s: _logger.info("%-11s %-55s mAP50:95 %.4f drop %.4f (%d float)",  # noqa: E731
                                       s["action"], s["layer"] or "-", s["map"], s["drop"], s["float_layers"])
@@ -285,28 +347,42 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             model, order, skip_layers=args.skip_layers, quant_boundary=args.quant_boundary,
             target_drop=args.target_drop, measure=measure, fp_map=search_maps["fp_map"],
             max_float=args.max_float_layers, revert=not args.no_revert, on_step=log_step)
-    if "map" in choice:  # the search measured its final float set already (on the search set)
-        search_maps["partial_map"] = choice["map"]
-    partial_map = measure(choice["float_layers"], report_set, "partial")
+    search_interval = None
+    if args.target_drop is not None:
+        search_interval = measure.search_interval(choice["float_layers"], len(reporting))
+        search_maps["partial_map"] = search_maps["fp_map"] - search_interval["drop_interval"]["drop"]
+    partial_map = measure.row("partial", choice["float_layers"], reporting)
     calibration.save_calibrated(paths["checkpoint"], qmodel,
                                 meta={"weights": str(args.weights), "rule": choice["rule"]})
     report = summary(fp_map, ptq_map, partial_map, model, choice, calib, args_dict(args))
+    report["letterbox"] = args.letterbox
     if args.target_drop is not None:
         report["search"] = search_record(args, searching, same, search_maps)
-        report["search"].update({k: choice[k] for k in ("evaluations", "probes", "sequence") if k in choice})
+        report["search"].update({k: choice[k] for k in ("evaluations", "probes", "sequence") if k in choice},
+                                stop_on=args.stop_on, **search_interval)
     if not args.no_export:
         report.update(export_partial(args, qmodel, paths))
         if args.eval_onnx:
-            metrics = evaluate(OnnxRuntimeRunner(paths["onnx"], optimization="basic"), report_set, args.batch_size,
-                               args.workers, progress=not args.no_progress, matches=True)
-            report["onnx_map"], map50["onnx"], matches["onnx"] = metrics["mAP50_95"], metrics["mAP50"], \
-                metrics["matches"]
-    report["map50"] = map50
-    report["intervals"] = drop_intervals(matches, args.seed)
+            report.update(evaluate_onnx(args, paths["onnx"], measure, reporting))
+    report["map50"] = measure.map50
+    report["intervals"] = drop_intervals(measure.matches, args.seed)
     report.update(checkpoint=str(paths["checkpoint"]), seconds=round(time.perf_counter() - start, 2))
     write_json(paths["report"], report)
     print(format_summary(report))
     return {k: v for k, v in report.items() if k not in ("steps", "sharing", "args", "search")}
+
+
+def evaluate_onnx(args: argparse.Namespace, onnx: Path, measure: Measurer, reporting: CocoDetection) -> dict:
+    """The ONNX's mAP on ONNX Runtime, Q/DQ as the graph says. Its input size is fixed, so it runs square canvases;
+    in rect geometry the float model is measured square too ("fp_square"), the reference of the ONNX's drop."""
+    square = reporting if reporting.letterbox == "square" else report_set(args, reporting.stride, "square")
+    metrics = evaluate(OnnxRuntimeRunner(onnx, optimization="basic"), square, args.batch_size, args.workers,
+                       progress=not args.no_progress, matches=True)
+    measure.map50["onnx"], measure.matches["onnx"] = metrics["mAP50"], metrics["matches"]
+    out = {"onnx_map": metrics["mAP50_95"], "onnx_letterbox": "square"}
+    if square is not reporting:
+        out["fp_square_map"] = measure.row("fp_square", list(measure.model.layers), square)
+    return out
 
 
 if __name__ == "__main__":

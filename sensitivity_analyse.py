@@ -29,7 +29,7 @@ from utils.cli import (
     run_cli,
 )
 from utils.data.calibration import calibration_loader, images_sha256, proxy_batches
-from utils.data.coco import CocoDetection
+from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride
 from utils.errors import InputError
 from utils.fileio import file_sha256
 from utils.quant import calibration
@@ -93,6 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ana.add_argument("--images", default=None, metavar="DIR", help="images of --data")
     ana.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                      help="evaluate --method map on the first N images (default: all)")
+    add_letterbox_argument(ana, extra_help=" (--method map; the proxies compare outputs on square calibration "
+                                           "images)")
     ana.add_argument("--proxy-images", type=positive_int, default=32, metavar="N",
                      help="calibration images the proxies compare outputs on")
     ana.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
@@ -133,9 +135,10 @@ def check_args(args: argparse.Namespace) -> None:
 def _probe(args: argparse.Namespace, qmodel: torch.nn.Module, layers: list[str],
            device: torch.device) -> tuple[Any, dict[str, Any]]:
     if args.method == "map":
-        dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
+        dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images,
+                                letterbox=args.letterbox, stride=model_stride(qmodel))
         data = {"annotations_sha256": file_sha256(args.data), "max_images": args.max_images,
-                "images": len(dataset)}
+                "images": len(dataset), "letterbox": args.letterbox}
         return MapProbe(qmodel, dataset, args.batch_size, args.workers, device, direction=args.direction), data
     batches, dataset = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
                                      args.workers)

@@ -32,9 +32,10 @@ from utils.cli import (
     unit_interval,
     write_json,
 )
-from utils.data.coco import CocoDetection
+from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride
 from utils.errors import InputError
 from utils.fileio import check_output_file
+from utils.inference.bootstrap import format_drop, paired_bootstrap, rounded_drop
 from utils.quant import quantizers as quant
 from utils.quant.calibration import amax_sha256, is_calibrated_file, load_calibrated
 from utils.training.augment import AugmentConfig
@@ -61,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="validation annotations (--qat: optional, for the before / after mAP)")
     data.add_argument("--val-images", default=None, metavar="DIR", help="validation images")
     data.add_argument("--img-size", type=img_size, default=640, metavar="N", help="training and evaluation size")
+    add_letterbox_argument(data, extra_help=" (the validation mAP; training images are square)")
     data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
     solver = parser.add_argument_group("solver")
     defaults = TrainConfig()
@@ -157,8 +159,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     args.output_dir = args.output_dir or "runs/train"
     train_set = CocoDetection(args.data, args.images, img_size=args.img_size)
-    val_set = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
     model = build_train_model(args, train_set.class_names)
+    val_set = CocoDetection(args.val_data, args.val_images, img_size=args.img_size, letterbox=args.letterbox,
+                            stride=model_stride(model))
     defaults = TrainConfig()
     cfg = TrainConfig(epochs=args.epochs or defaults.epochs, batch_size=args.batch_size,
                       nominal_batch=args.nominal_batch, lr0=defaults.lr0 if args.lr0 is None else args.lr0,
@@ -179,6 +182,15 @@ def _map(metrics: dict[str, Any] | None) -> dict[str, float] | None:
     return None if metrics is None else {k: round(float(metrics[k]), 4) for k in ("mAP50_95", "mAP50")}
 
 
+def val_drop(trainer: QatTrainer, final: torch.nn.Module, float_metrics: dict[str, Any] | None,
+             seed: int) -> dict[str, Any]:
+    """The fine-tuned model's val mAP and its drop from the float teacher with the 95 % paired-bootstrap interval."""
+    metrics = trainer.evaluate(final, matches=True)
+    reference = float_metrics or trainer.evaluate(trainer.teacher, matches=True)
+    return {"map": _map(metrics), "drop_interval": rounded_drop(paired_bootstrap(reference["matches"],
+                                                                                 metrics["matches"], seed=seed))}
+
+
 def fine_tune(args: argparse.Namespace) -> dict[str, Any]:
     """--qat: self-distillation of --weights on --images; qat.pt, qat.json, last.pt, results.csv in --output-dir."""
     torch.manual_seed(args.seed)
@@ -193,22 +205,25 @@ def fine_tune(args: argparse.Namespace) -> dict[str, Any]:
                     neck_weight=args.neck_weight, learn_amax=args.learn_amax, ema=args.ema, flip=args.flip,
                     max_images=args.max_images, eval_interval=args.eval_interval, workers=args.workers,
                     seed=args.seed)
-    val_set = CocoDetection(args.val_data, args.val_images, img_size=args.img_size) if args.val_data else None
     start_model = load_calibrated(args.weights, device)
+    val_set = CocoDetection(args.val_data, args.val_images, img_size=args.img_size, letterbox=args.letterbox,
+                            stride=model_stride(start_model)) if args.val_data else None
     start_sha = amax_sha256(start_model)
     trainer = QatTrainer(start_model, args.images, cfg, out, args.img_size, device, val_set=val_set,
                          progress=not args.no_progress)
     if resuming:
         trainer.resume(args.resume or out / "last.pt")
     before = {"loss": trainer.distillation_loss(trainer.student)} if trainer.start_epoch == 0 else {}
+    float_metrics = None
     if before and val_set is not None:
-        before.update(float=_map(trainer.evaluate(trainer.teacher)), start=_map(trainer.evaluate(trainer.student)))
+        float_metrics = trainer.evaluate(trainer.teacher, matches=True)
+        before.update(float=_map(float_metrics), start=_map(trainer.evaluate(trainer.student)))
     history = trainer.fit()
     final = trainer.final_model()
     path = trainer.save(outputs["qat.pt"], final, meta={"weights": str(args.weights)})
     after = {"loss": trainer.distillation_loss(final)}
     if val_set is not None:
-        after["map"] = _map(trainer.evaluate(final))
+        after.update(val_drop(trainer, final, float_metrics, args.seed), letterbox=args.letterbox)
     int8, total = quant.count_quantized(final)
     record = {"checkpoint": str(path), "from": str(args.weights), "from_amax_sha256": start_sha,
               "int8_layers": int8, "total_layers": total,
@@ -221,7 +236,8 @@ def fine_tune(args: argparse.Namespace) -> dict[str, Any]:
         scores = f"{loss}; mAP not measured (pass --val-data and --val-images, or run eval_coco.py on it)"
     else:
         start = before.get("start")
-        scores = (f"{loss}; val mAP50-95 {after['map']['mAP50_95']:.4f}" +
+        scores = (f"{loss}; val mAP50-95 {after['map']['mAP50_95']:.4f}, drop from float "
+                  f"{format_drop(after['drop_interval'])} ({args.letterbox} canvases)" +
                   (f" (float {before['float']['mAP50_95']:.4f}, before fine-tuning {start['mAP50_95']:.4f})"
                    if start else ""))
     print(f"fine-tuned {int8}/{total} INT8 layers for {cfg.epochs} epochs in {record['minutes']} min: {scores} "

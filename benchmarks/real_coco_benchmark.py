@@ -64,7 +64,7 @@ from utils.cli import (  # noqa: E402
     write_json,
 )
 from utils.data.calibration import calibration_loader  # noqa: E402
-from utils.data.coco import CocoDetection  # noqa: E402
+from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride  # noqa: E402
 from utils.deploy.onnx_export import export_verified, verification_batch  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.fileio import ensure_folder  # noqa: E402
@@ -81,7 +81,8 @@ _logger = logging.getLogger("real_coco_benchmark")
 SHARED = _REPO_ROOT.parent / "shared" / "fixtures"
 DEFAULTS = {"weights": SHARED / "yolov6lite-coco" / "yolov6lite_s_coco_fused.pt",
             "val_data": SHARED / "coco-real" / "instances_val.json", "val_images": SHARED / "coco-real" / "val",
-            "train_data": SHARED / "coco-real" / "instances_train.json", "train_images": SHARED / "coco-real" / "train"}
+            "train_data": SHARED / "coco-real" / "instances_train.json", "train_images": SHARED / "coco-real" / "train",
+            "unlabelled_images": SHARED / "coco-unlabelled" / "images"}
 # name -> (calibration method, percentile)
 CALIBRATORS = {"max": ("max", None), "percentile-99.9": ("percentile", 99.9),
                "percentile-99.99": ("percentile", 99.99), "percentile-99.999": ("percentile", 99.999),
@@ -109,14 +110,20 @@ def add_real_set_arguments(parser: argparse.ArgumentParser) -> None:
                       help="ranking / search set annotations")
     data.add_argument("--train-images", default=_default("train_images"), metavar="DIR",
                       help="ranking / search / calibration images")
+    data.add_argument("--unlabelled-images", default=_default("unlabelled_images"), metavar="DIR",
+                      help="images of the label-free stages: calibration, proxies, fine-tuning (default: "
+                           "../shared's coco-unlabelled when present, else --train-images)")
     data.add_argument("--img-size", type=img_size, default=320, metavar="N", help="letterbox size")
+    add_letterbox_argument(data, extra_help=" (Q/DQ ONNX rows run square: their input size is fixed; their drop is "
+                                            "from the float model on square canvases)")
     data.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch")
     data.add_argument("--calib-images", type=positive_int, default=128, metavar="N",
-                      help="calibrate on the first N train images (a multiple of --batch-size is used whole)")
+                      help="calibrate on the first N --unlabelled-images (a multiple of --batch-size is used whole)")
     data.add_argument("--workers", type=non_negative_int, default=2, metavar="N", help="data-loading processes")
 
 
 def check_real_sets(args: argparse.Namespace) -> None:
+    args.unlabelled_images = args.unlabelled_images or args.train_images
     missing = [f"--{k.replace('_', '-')}" for k in ("weights", "val_data", "val_images", "train_data",
                                                      "train_images") if getattr(args, k) is None]
     if missing:
@@ -143,6 +150,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="calibration of the seed's partial quantization")
     run.add_argument("--target-drop", type=float, default=0.005, metavar="D",
                      help="the partial quantization budget of both methods (mAP50:95 drop on the train set)")
+    run.add_argument("--seed-from", choices=("plain", "eq"), default="plain",
+                     help="the seed's ranking and search start from the plain or the equalized --partial-calibrator "
+                          "calibration")
+    run.add_argument("--stop-on", choices=partial_quant.STOP_RULES, default=partial_quant.DEFAULT_STOP,
+                     help="both searches' rule (see partial_quant.py --stop-on)")
     run.add_argument("--method-calibrator", choices=list(CALIBRATORS), default="auto",
                      help="calibration of our partial quantization")
     run.add_argument("--auto-entropy-stride", type=positive_int, default=4, metavar="K",
@@ -197,8 +209,9 @@ def _maps(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _calibration_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a full-INT8 row depends on: a finished row with the same settings is reused on a rerun."""
-    return {"weights": str(args.weights), "train_images": str(args.train_images), "val_data": str(args.val_data),
-            "img_size": args.img_size, "batch_size": args.batch_size, "calib_images": args.calib_images}
+    return {"weights": str(args.weights), "calib_folder": str(args.unlabelled_images), "val_data": str(args.val_data),
+            "img_size": args.img_size, "batch_size": args.batch_size, "calib_images": args.calib_images,
+            "letterbox": args.letterbox}
 
 
 def _finished_rows(out: Path) -> dict[str, dict[str, Any]]:
@@ -228,7 +241,8 @@ def _calibration_variants(args: argparse.Namespace) -> list[tuple[str, str, Tran
     variants = [(f"int8 {name}", name, None) for name in names]
     transform = equalized(args)
     if transform is not None:
-        eq_names = list(dict.fromkeys(args.calibrators + [args.method_calibrator]))
+        eq_names = list(dict.fromkeys(args.calibrators + [args.method_calibrator] +
+                                      ([args.partial_calibrator] if args.seed_from == "eq" else [])))
         variants += [(f"int8 {name} + {eq_label(args)}", name, transform) for name in eq_names]
     return variants
 
@@ -237,12 +251,21 @@ def calibrated_path(out: Path, name: str, eq: bool = False) -> Path:
     return out / f"calibrated_{name}{'_eq' if eq else ''}.pt"
 
 
+def seed_calibration(args: argparse.Namespace, out: Path) -> Path:
+    """The calibration the seed's ranking and search start from (--partial-calibrator, --seed-from)."""
+    return calibrated_path(out, args.partial_calibrator, args.seed_from == "eq")
+
+
+def ranking_folder(args: argparse.Namespace, out: Path) -> Path:
+    return out / ("ranking_eq" if args.seed_from == "eq" else "ranking")
+
+
 def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.device,
                    out: Path) -> dict[str, dict[str, Any]]:
     """Every calibrator's full-INT8 mAP on val, plain and equalized; the calibrations that later stages start from
     are saved. Rows finished by an earlier run with the same settings (and their saved calibration) are reused."""
     batch_number = max(1, args.calib_images // args.batch_size)
-    loader = calibration_loader(args.train_images, args.img_size, args.batch_size, batch_number, args.workers)
+    loader = calibration_loader(args.unlabelled_images, args.img_size, args.batch_size, batch_number, args.workers)
     rows, finished, settings = {}, _finished_rows(out), _calibration_settings(args)
     for row_name, name, transform in _calibration_variants(args):
         method, percentile = CALIBRATORS[name]
@@ -252,7 +275,8 @@ def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.d
             row_settings = {**row_settings, "transform": dataclasses.asdict(transform)}
         saved = calibrated_path(out, name, transform is not None)
         previous = finished.get(row_name, {})
-        needed = name == args.method_calibrator or (transform is None and name == args.partial_calibrator)
+        needed = name == args.method_calibrator or \
+            (name == args.partial_calibrator and (transform is not None) == (args.seed_from == "eq"))
         if previous.get("settings") == row_settings and (not needed or saved.is_file()) and \
                 (name not in args.calibrators or "mAP50_95" in previous):
             _logger.info("%s: reusing the finished row", row_name)
@@ -275,7 +299,7 @@ def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.d
             predictions = predictions_file(out, row_name)
             metrics = evaluate(TorchRunner(qmodel, device), val, args.batch_size, args.workers,
                                progress=not args.no_progress, save_json=predictions)
-            row.update(_maps(metrics), predictions=str(predictions))
+            row.update(_maps(metrics), predictions=str(predictions), letterbox=val.letterbox)
             _logger.info("%s: mAP50:95 %.4f", row_name, metrics["mAP50_95"])
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows[row_name] = row
@@ -285,18 +309,18 @@ def full_int8_rows(args: argparse.Namespace, val: CocoDetection, device: torch.d
 
 def _common(args: argparse.Namespace) -> list[str]:
     argv = ["--weights", str(args.weights), "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
-            "--workers", str(args.workers), "--device", args.device]
+            "--workers", str(args.workers), "--device", args.device, "--letterbox", args.letterbox]
     return argv + (["--no-progress"] if args.no_progress else [])
 
 
 def rank(args: argparse.Namespace, out: Path, method: str = "map", direction: str = "single") -> dict[str, Any]:
     """sensitivity_analyse.py on the train set with the seed's calibration (resumable): its JSON report."""
-    argv = [*_common(args), "--calib-weights", str(out / f"calibrated_{args.partial_calibrator}.pt"),
-            "--method", method, "--direction", direction, "--output", str(out / "ranking"), "--resume"]
+    argv = [*_common(args), "--calib-weights", str(seed_calibration(args, out)), "--method", method,
+            "--direction", direction, "--output", str(ranking_folder(args, out)), "--resume"]
     if method == "map":
         argv += ["--data", str(args.train_data), "--images", str(args.train_images)]
     else:
-        argv += ["--data-root", str(args.train_images), "--proxy-images", str(args.proxy_images)]
+        argv += ["--data-root", str(args.unlabelled_images), "--proxy-images", str(args.proxy_images)]
     argv += ["--layers", *args.layers] if args.layers else []
     result = sensitivity_analyse.main(sensitivity_analyse.get_args_parser().parse_args(argv))
     report = json.loads(Path(result["json"]).read_text())
@@ -339,14 +363,18 @@ def run_partial(folder: Path, argv: list[str]) -> dict[str, Any]:
 
 def _search_sets(args: argparse.Namespace) -> list[str]:
     return ["--data", str(args.val_data), "--images", str(args.val_images), "--search-data", str(args.train_data),
-            "--search-images", str(args.train_images)]
+            "--search-images", str(args.train_images), "--stop-on", args.stop_on]
 
 
-def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection, partial: dict[str, Any]) -> dict:
-    """The partial model's Q/DQ ONNX, verified against PyTorch, and its mAP on ONNX Runtime. When the verification
-    fails at its default tolerances the ONNX is written anyway (tolerances lifted) so its mAP is still measured,
-    and the row says so: the failure is a result, not a reason to lose the table."""
+def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection, partial: dict[str, Any],
+                     device: torch.device) -> dict:
+    """The partial model's Q/DQ ONNX, verified against PyTorch, and its mAP on ONNX Runtime on ``val`` (square
+    canvases: the ONNX's input size is fixed), beside the PyTorch model's on the same canvases. When the
+    verification fails at its default tolerances the ONNX is written anyway (tolerances lifted) so its mAP is still
+    measured, and the row says so: the failure is a result, not a reason to lose the table."""
     qmodel = calibration.load_calibrated(partial["checkpoint"])
+    pytorch = float(evaluate(TorchRunner(qmodel, device), val, args.batch_size, args.workers,
+                             progress=not args.no_progress)["mAP50_95"])
     images = verification_batch(args.val_images, args.img_size, 2)
     path = folder / "partial_qdq.onnx"
     row: dict[str, Any] = {"int8_layers": partial["int8_layers"], "total_layers": partial["total_layers"]}
@@ -362,13 +390,13 @@ def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection,
     metrics = evaluate(OnnxRuntimeRunner(path, optimization="basic"), val, args.batch_size, args.workers,
                        progress=not args.no_progress, save_json=folder / "onnx_predictions.json")
     row.update(_maps(metrics), onnx=str(path), predictions=str(folder / "onnx_predictions.json"),
-               max_abs_diff=record["max_abs_diff"],
-               minus_pytorch=round(float(metrics["mAP50_95"]) - partial["partial_map"], 4),
+               letterbox=val.letterbox, max_abs_diff=record["max_abs_diff"],
+               pytorch_mAP50_95=round(pytorch, 4), minus_pytorch=round(float(metrics["mAP50_95"]) - pytorch, 4),
                seconds=round(time.perf_counter() - start, 1))
     kernels = evaluate(OnnxRuntimeRunner(path, optimization="all"), val, args.batch_size, args.workers,
                        progress=not args.no_progress)  # ORT's default level: another rounding, for comparison
     row.update(ort_int8_kernels_mAP50_95=round(float(kernels["mAP50_95"]), 4),
-               ort_int8_kernels_minus_pytorch=round(float(kernels["mAP50_95"]) - partial["partial_map"], 4))
+               ort_int8_kernels_minus_pytorch=round(float(kernels["mAP50_95"]) - pytorch, 4))
     return row
 
 
@@ -382,17 +410,29 @@ def _partial_row(partial: dict[str, Any], **extra: Any) -> dict[str, Any]:
             **extra}
 
 
+def seed_search_argv(args: argparse.Namespace, out: Path, ranking: str | Path) -> list[str]:
+    """partial_quant.py's arguments for the seed's search: its ranking, --target-drop on the train set."""
+    return [*_common(args), "--calib-weights", str(seed_calibration(args, out)), "--sensitivity-file", str(ranking),
+            "--target-drop", str(args.target_drop), *_search_sets(args)]
+
+
+def our_search_argv(args: argparse.Namespace, out: Path, eq: bool) -> list[str]:
+    """partial_quant.py's arguments for ours: --rerank by the proxy on the unlabelled images, --target-drop on the
+    train set, from the --method-calibrator calibration (``eq``: the equalized one)."""
+    return [*_common(args), "--calib-weights", str(calibrated_path(out, args.method_calibrator, eq)), "--data-root",
+            str(args.unlabelled_images), "--rerank", args.rerank, "--rerank-pool", str(args.rerank_pool),
+            "--proxy-images", str(args.proxy_images), "--target-drop", str(args.target_drop), *_search_sets(args)]
+
+
 def seed_rows(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict], dict[str, Any]]:
     """The seed's ranking (timed) and search; returns its rows and its partial report."""
     start = time.perf_counter()
     ranking = rank(args, out)
     ranking_seconds = sum(row.get("seconds") or 0.0 for row in ranking["layers"])
     ranking_wall = time.perf_counter() - start
-    partial = run_partial(out / "partial", [*_common(args), "--calib-weights",
-                                            str(out / f"calibrated_{args.partial_calibrator}.pt"),
-                                            "--sensitivity-file", ranking["path"], "--target-drop",
-                                            str(args.target_drop), *_search_sets(args)])
-    name = f"seed partial ({args.partial_calibrator}, drop {args.target_drop})"
+    partial = run_partial(out / "partial", seed_search_argv(args, out, ranking["path"]))
+    eq = f" + {eq_label(args)}" if args.seed_from == "eq" else ""
+    name = f"seed partial ({args.partial_calibrator}{eq}, drop {args.target_drop}, stop on {args.stop_on})"
     rows = {name: _partial_row(partial, ranking_s=round(max(ranking_seconds, ranking_wall), 1),
                                search_s=partial["seconds"], evaluations=len(partial["steps"]))}
     _logger.info("seed partial: %s", rows[name])
@@ -402,14 +442,11 @@ def seed_rows(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict], dic
 def our_rows(args: argparse.Namespace, out: Path, rows: dict[str, dict],
              eq: bool = False) -> tuple[dict[str, dict], dict[str, Any]]:
     """Ours: the re-ranking search from the --method-calibrator calibration (``eq``: the equalized one)."""
-    partial = run_partial(out / ("ours_eq" if eq else "ours"), [
-        *_common(args), "--calib-weights", str(calibrated_path(out, args.method_calibrator, eq)), "--data-root",
-        str(args.train_images), "--rerank", args.rerank, "--rerank-pool", str(args.rerank_pool), "--proxy-images",
-        str(args.proxy_images), "--target-drop", str(args.target_drop), *_search_sets(args)])
+    partial = run_partial(out / ("ours_eq" if eq else "ours"), our_search_argv(args, out, eq))
     calibrated_row = f"int8 {args.method_calibrator}" + (f" + {eq_label(args)}" if eq else "")
     calib_s = rows[calibrated_row]["calibration_s"]
     name = f"ours ({args.method_calibrator}{' + ' + eq_label(args) if eq else ''}, re-ranked by {args.rerank}, " \
-           f"drop {args.target_drop})"
+           f"drop {args.target_drop}, stop on {args.stop_on})"
     search = partial["search"]
     row = _partial_row(partial, calibration_s=calib_s, search_s=partial["seconds"],
                        total_min=round((calib_s + partial["seconds"]) / 60, 1),
@@ -419,9 +456,9 @@ def our_rows(args: argparse.Namespace, out: Path, rows: dict[str, dict],
 
 def same_count_row(args: argparse.Namespace, out: Path, n_float: int) -> dict[str, dict]:
     """The seed's ranking with as many float layers as ours kept (--skip-layers N)."""
-    ranking = Path(out / "ranking" / "sensitivity_map.json")
+    ranking = ranking_folder(args, out) / "sensitivity_map.json"
     partial = run_partial(out / f"seed_skip{n_float}", [*_common(args), "--calib-weights",
-                                                       str(out / f"calibrated_{args.partial_calibrator}.pt"),
+                                                       str(seed_calibration(args, out)),
                                                        "--sensitivity-file", str(ranking), "--skip-layers",
                                                        str(n_float), "--data", str(args.val_data), "--images",
                                                        str(args.val_images)])
@@ -431,8 +468,9 @@ def same_count_row(args: argparse.Namespace, out: Path, n_float: int) -> dict[st
 def run_qat(args: argparse.Namespace, folder: Path, weights: Path) -> dict[str, Any]:
     """train.py --qat of the calibrated / partial checkpoint ``weights`` into ``folder`` (its qat.json); a finished
     run with the same arguments from the same amax is reused."""
-    argv = ["--qat", "--weights", str(weights), "--images", str(args.train_images), "--val-data", str(args.val_data),
-            "--val-images", str(args.val_images), "--img-size", str(args.img_size), "--batch-size", "16",
+    argv = ["--qat", "--weights", str(weights), "--images", str(args.unlabelled_images), "--val-data",
+            str(args.val_data), "--val-images", str(args.val_images), "--img-size", str(args.img_size),
+            "--letterbox", args.letterbox, "--batch-size", "16",
             "--workers", str(args.workers), "--device", args.device, "--epochs", str(args.qat_epochs), "--lr0",
             str(args.qat_lr), "--output-dir", str(folder), "--overwrite", "--eval-interval", str(args.qat_epochs)]
     argv += (["--learn-amax"] if args.qat_learn_amax else []) + (["--no-progress"] if args.no_progress else [])
@@ -440,7 +478,8 @@ def run_qat(args: argparse.Namespace, folder: Path, weights: Path) -> dict[str, 
                          lambda a: train.main(train.get_args_parser().parse_args(a)))
 
 
-def qat_rows(args: argparse.Namespace, out: Path, val: CocoDetection, partials: dict[str, dict[str, Any]]) -> dict:
+def qat_rows(args: argparse.Namespace, out: Path, val: CocoDetection, partials: dict[str, dict[str, Any]],
+             device: torch.device) -> dict:
     """Fine-tuned models (--qat-from: full INT8 and ours, plain or equalized), each with its Q/DQ ONNX on ONNX
     Runtime."""
     rows = {}
@@ -459,11 +498,12 @@ def qat_rows(args: argparse.Namespace, out: Path, val: CocoDetection, partials: 
         rows[label] = {**qat["after"]["map"], "int8_layers": qat["int8_layers"], "total_layers": qat["total_layers"],
                        "before": qat["before"]["start"]["mAP50_95"], "qat_s": round(qat["minutes"] * 60, 1),
                        "loss_before": float(f"{qat['before']['loss']:.4g}"),
-                       "loss_after": float(f"{qat['after']['loss']:.4g}")}
+                       "loss_after": float(f"{qat['after']['loss']:.4g}"),
+                       "drop_interval": qat["after"]["drop_interval"], "images": qat["images"]}
         if not args.no_onnx:
             report = {"checkpoint": qat["checkpoint"], "int8_layers": qat["int8_layers"],
-                      "total_layers": qat["total_layers"], "partial_map": qat["after"]["map"]["mAP50_95"]}
-            rows[f"{label} Q/DQ ONNX (ORT)"] = partial_onnx_row(args, folder, val, report)
+                      "total_layers": qat["total_layers"]}
+            rows[f"{label} Q/DQ ONNX (ORT)"] = partial_onnx_row(args, folder, val, report, device)
     return rows
 
 
@@ -508,17 +548,48 @@ def predictions_file(out: Path, row_name: str) -> Path:
     return out / "predictions" / (re.sub(r"[^A-Za-z0-9.+-]+", "_", row_name).strip("_") + ".json")
 
 
-def add_drop_intervals(rows: dict[str, dict[str, Any]], val: CocoDetection) -> None:
-    """Each row with saved predictions gets its mAP@.5:.95 drop from float with the 95 % paired-bootstrap interval
-    over the val images (rows from partial_quant.py bring theirs)."""
-    path = rows.get("float", {}).get("predictions")
-    if not path or not Path(path).is_file():
-        return
-    reference = evaluate_predictions(path, val)["matches"]
+def float_row(letterbox: str, sets: dict[str, CocoDetection]) -> str:
+    """The float row of a geometry (the reference of every drop measured on it): "float" for --letterbox's, the
+    first of ``sets``; "float (square)" for the ONNX rows' square canvases beside rect ones."""
+    return "float" if letterbox == next(iter(sets)) else f"float ({letterbox})"
+
+
+def report_sets(args: argparse.Namespace, stride: int) -> dict[str, CocoDetection]:
+    """The val images in --letterbox geometry (first), and on square canvases for the fixed-size ONNX rows."""
+    sets = {args.letterbox: CocoDetection(args.val_data, args.val_images, img_size=args.img_size,
+                                          letterbox=args.letterbox, stride=stride)}
+    if not args.no_onnx and "square" not in sets:
+        sets["square"] = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
+    return sets
+
+
+def float_rows(args: argparse.Namespace, sets: dict[str, CocoDetection], device: torch.device,
+               out: Path) -> dict[str, dict[str, Any]]:
+    """The float model on every report geometry, its predictions kept (the reference of the drops' intervals)."""
+    rows = {}
+    for letterbox, dataset in sets.items():
+        name = float_row(letterbox, sets)
+        start, predictions = time.perf_counter(), predictions_file(out, name)
+        metrics = evaluate(TorchRunner(load_model(args.weights), device), dataset, args.batch_size, args.workers,
+                           progress=not args.no_progress, save_json=predictions)
+        rows[name] = {**_maps(metrics), "seconds": round(time.perf_counter() - start, 1),
+                      "predictions": str(predictions), "letterbox": letterbox}
+    return rows
+
+
+def add_drop_intervals(rows: dict[str, dict[str, Any]], sets: dict[str, CocoDetection]) -> None:
+    """Each row with saved predictions gets its mAP@.5:.95 drop from the float row of its geometry with the 95 %
+    paired-bootstrap interval over the val images (rows from partial_quant.py and train.py bring theirs)."""
+    references = {}
+    for letterbox, dataset in sets.items():
+        path = rows.get(float_row(letterbox, sets), {}).get("predictions")
+        if path and Path(path).is_file():
+            references[letterbox] = evaluate_predictions(path, dataset)["matches"]
     for name, row in rows.items():
-        if name != "float" and Path(row.get("predictions") or "-").is_file():
-            result = paired_bootstrap(reference, evaluate_predictions(row["predictions"], val)["matches"])
-            row["drop_interval"] = rounded_drop(result)
+        letterbox = row.get("letterbox", next(iter(sets)))
+        if not name.startswith("float") and letterbox in references and Path(row.get("predictions") or "-").is_file():
+            matches = evaluate_predictions(row["predictions"], sets[letterbox])["matches"]
+            row["drop_interval"] = rounded_drop(paired_bootstrap(references[letterbox], matches))
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -548,13 +619,9 @@ def format_quality(table: dict[str, dict[str, Any]]) -> str:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     device, out = start_run(args)
-    val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
-    start = time.perf_counter()
-    float_predictions = predictions_file(out, "float")
-    fp = evaluate(TorchRunner(load_model(args.weights), device), val, args.batch_size, args.workers,
-                  progress=not args.no_progress, save_json=float_predictions)
-    rows = {"float": {**_maps(fp), "seconds": round(time.perf_counter() - start, 1),
-                      "predictions": str(float_predictions)}}
+    sets = report_sets(args, model_stride(load_model(args.weights)))
+    val, square = sets[args.letterbox], sets.get("square")
+    rows = float_rows(args, sets, device, out)
     rows.update(full_int8_rows(args, val, device, out))
     write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
     partials, our_partial = {}, None
@@ -574,17 +641,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         write_json(out / "rows_so_far.json", rows)
     if not args.no_onnx:
         if not args.no_seed:
-            rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "partial", val, seed_partial)
+            rows["seed partial Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "partial", square, seed_partial, device)
         if our_partial is not None:
-            rows["ours Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours", val, our_partial)
+            rows["ours Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours", square, our_partial, device)
         if "ours-eq" in partials:
-            rows[f"ours + {eq_label(args)} Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours_eq", val,
-                                                                               our_eq_partial)
+            rows[f"ours + {eq_label(args)} Q/DQ ONNX (ORT)"] = partial_onnx_row(args, out / "ours_eq", square,
+                                                                               our_eq_partial, device)
     write_json(out / "rows_so_far.json", rows)
     if not args.no_qat:
-        rows.update(qat_rows(args, out, val, partials))
+        rows.update(qat_rows(args, out, square, partials, device))
         write_json(out / "rows_so_far.json", rows)
-    add_drop_intervals(rows, val)
+    add_drop_intervals(rows, sets)
     quality = {} if args.no_proxy_quality else proxy_quality(args, out)
     print(format_table(rows), flush=True)
     if quality:

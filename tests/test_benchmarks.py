@@ -66,13 +66,17 @@ def test_benchmark_names_the_missing_data(tiny_checkpoint, tmp_path, capsys):
     assert exc.value.code == 2 and "--data-root is required" in capsys.readouterr().err
 
 
+def _real_sets(tiny_val) -> list[str]:
+    return ["--val-data", tiny_val["json"], "--val-images", tiny_val["images"], "--train-data", tiny_val["json"],
+            "--train-images", tiny_val["images"], "--unlabelled-images", tiny_val["images"]]
+
+
 def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_path, capsys):
     bench = load_script("benchmarks/real_coco_benchmark.py")
-    sets = ["--val-data", tiny_val["json"], "--val-images", tiny_val["images"], "--train-data", tiny_val["json"],
-            "--train-images", tiny_val["images"]]
     args = bench.get_args_parser().parse_args(
-        ["--weights", str(tiny_checkpoint), *sets, "--img-size", str(SIZE), "--batch-size", "4", "--calib-images",
-         "8", "--workers", "0", "--calibrators", "max", "percentile-99.99", "--partial-calibrator", "max",
+        ["--weights", str(tiny_checkpoint), *_real_sets(tiny_val), "--img-size", str(SIZE), "--batch-size", "4",
+         "--calib-images", "8", "--workers", "0", "--calibrators", "max", "percentile-99.99", "--partial-calibrator",
+         "max",
          "--method-calibrator", "percentile-99.99", "--proxy-images", "4", "--target-drop", "1.0",
          "--layers", *LAYERS[:2], "--output-dir", str(tmp_path / "out"), "--json", str(tmp_path / "bench.json"),
          "--no-progress", "--qat-epochs", "1", "--qat-lr", "1e-5", "--equalize", "all", "--equalize-alpha", "0.5",
@@ -80,11 +84,12 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
     bench.main(args)
     result = json.loads((tmp_path / "bench.json").read_text())
     rows, quality = result["rows"], result["proxy_quality"]
-    ours = "ours (percentile-99.99, re-ranked by sqnr, drop 1.0)"
-    ours_eq = "ours (percentile-99.99 + eq all a0.5, re-ranked by sqnr, drop 1.0)"
+    ours = "ours (percentile-99.99, re-ranked by sqnr, drop 1.0, stop on point)"
+    ours_eq = "ours (percentile-99.99 + eq all a0.5, re-ranked by sqnr, drop 1.0, stop on point)"
     qat_eq = "QAT full INT8 + eq all a0.5 (1 epoch, learned amax)"
-    assert list(rows) == ["float", "int8 max", "int8 percentile-99.99", "int8 max + eq all a0.5",
-                          "int8 percentile-99.99 + eq all a0.5", ours, ours_eq, "seed partial (max, drop 1.0)",
+    seed = "seed partial (max, drop 1.0, stop on point)"
+    assert list(rows) == ["float", "float (square)", "int8 max", "int8 percentile-99.99", "int8 max + eq all a0.5",
+                          "int8 percentile-99.99 + eq all a0.5", ours, ours_eq, seed,
                           "seed ranking, 0 most sensitive float", "seed partial Q/DQ ONNX (ORT)",
                           "ours Q/DQ ONNX (ORT)", "ours + eq all a0.5 Q/DQ ONNX (ORT)",
                           "QAT full INT8 (1 epoch, learned amax)",
@@ -93,15 +98,23 @@ def test_real_coco_benchmark_runs_every_stage(tiny_checkpoint, tiny_val, tmp_pat
     assert rows["int8 max + eq all a0.5"]["transform"]["equalize"]["layers"] > 0
     # every measured drop carries its interval against float: full INT8 and ONNX rows from their saved predictions,
     # the partial rows from partial_quant.py
-    for name in ("int8 max", "int8 percentile-99.99 + eq all a0.5", "ours Q/DQ ONNX (ORT)", ours, ours_eq):
+    for name in ("int8 max", "int8 percentile-99.99 + eq all a0.5", "ours Q/DQ ONNX (ORT)", ours, ours_eq,
+                 "QAT ours (1 epoch, learned amax)"):
         d = rows[name]["drop_interval"]
         assert d["low"] <= d["drop"] <= d["high"], name
     assert rows["int8 max"]["drop_interval"]["drop"] == round(rows["float"]["mAP50_95"] - rows["int8 max"]["mAP50_95"],
                                                               4)
+    # the fixed-size ONNX runs square canvases: its drop is from the float model on square canvases, and it is
+    # compared with its PyTorch model on the same canvases
+    onnx_row = rows["ours Q/DQ ONNX (ORT)"]
+    assert rows["float"]["letterbox"] == "rect" and onnx_row["letterbox"] == rows["float (square)"]["letterbox"] == \
+        "square"
+    assert onnx_row["drop_interval"]["drop"] == round(rows["float (square)"]["mAP50_95"] - onnx_row["mAP50_95"], 4)
+    assert onnx_row["minus_pytorch"] == pytest.approx(onnx_row["mAP50_95"] - onnx_row["pytorch_mAP50_95"], abs=1.5e-4)
     assert calibration.load_calibrated(tmp_path / "out" / "calibrated_percentile-99.99_eq.pt").quant_transform
     qat = rows["QAT full INT8 (1 epoch, learned amax)"]
     assert qat["int8_layers"] == qat["total_layers"] and qat["loss_after"] < qat["loss_before"]
-    partial = rows["seed partial (max, drop 1.0)"]
+    partial = rows[seed]
     # drop 1.0: the seed's search stops at its first evaluation, full INT8 (amax shared, so not the "int8 max" row)
     assert partial["int8_layers"] == partial["total_layers"] and partial["evaluations"] == 1
     # drop 1.0: full INT8 (input amax shared for TensorRT) is within budget after one evaluation

@@ -93,18 +93,24 @@ def test_partial_quant_skip_layers_end_to_end(data, ranking, tmp_path):
     report = json.loads((tmp_path / "out" / "partial_quant.json").read_text())
     heads = ["detect.stems.0.block.conv", "detect.stems.1.block.conv", "detect.stems.2.block.conv"]  # ties: model order
     assert report["float_layers"] == heads and result["int8_layers"] == result["total_layers"] - 3 == 69
+    # the ONNX takes fixed square inputs: it runs square canvases, beside the rect ones of every PyTorch row
+    assert report["letterbox"] == "rect" and report["onnx_letterbox"] == "square"
+    reloaded = calibration.load_calibrated(tmp_path / "out" / "partial.pt")
+    square = CocoDetection(data["json"], data["images"], img_size=SIZE)
+    partial_square = evaluate(TorchRunner(reloaded), square, batch_size=8, workers=0, progress=False)["mAP50_95"]
     # 12 images: a flipped INT8 level moves a box of one image; 200 images (make demo) agree within 0.002
-    assert result["fp_map"] > 0.3 and abs(result["onnx_map"] - result["partial_map"]) <= 0.01
-    # every reported drop carries its paired-bootstrap interval over the report images
-    for row, value in (("ptq", result["ptq_map"]), ("partial", result["partial_map"]), ("onnx", result["onnx_map"])):
+    assert result["fp_map"] > 0.3 and abs(result["onnx_map"] - partial_square) <= 0.01
+    # every reported drop carries its paired-bootstrap interval over the report images, the ONNX's from the float
+    # model on the same square canvases
+    for row, reference, value in (("ptq", "fp_map", result["ptq_map"]), ("partial", "fp_map", result["partial_map"]),
+                                  ("onnx", "fp_square_map", result["onnx_map"])):
         drop = report["intervals"][row]["mAP50_95"]
-        assert drop["drop"] == round(result["fp_map"] - value, 4) and drop["low"] <= drop["drop"] <= drop["high"]
+        assert drop["drop"] == round(result[reference] - value, 4) and drop["low"] <= drop["drop"] <= drop["high"]
     record = json.loads(Path(result["onnx"]).with_suffix(".json").read_text())
     assert record["qdq"]["conv_transpose_weight_axes"] == [0] and record["qdq"]["conv_weight_axes"] == [0]
     assert {r["name"] for r in record["layers"] if r["precision"] == "float"} == set(heads)
     assert onnx.load(result["onnx"]).graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     assert _concat_scales_agree(Path(result["onnx"])) >= 3
-    reloaded = calibration.load_calibrated(tmp_path / "out" / "partial.pt")
     assert quant.float_layers(reloaded) == heads
 
 
@@ -131,7 +137,7 @@ def test_target_drop_searches_on_its_own_set_and_reports_on_the_other(data, rank
     assert report["steps"][0]["map"] == search["ptq_map"] and search["fp_map"] != report["fp_map"]
     # the reported partial mAP is that of the saved model on the report set, measured independently here
     model = calibration.load_calibrated(out / "partial.pt")
-    dataset = CocoDetection(data["json"], data["images"], img_size=SIZE)
+    dataset = CocoDetection(data["json"], data["images"], img_size=SIZE, letterbox="rect", stride=model.max_stride)
     independent = evaluate(TorchRunner(model), dataset, batch_size=8, workers=0, progress=False)["mAP50_95"]
     assert result["partial_map"] == independent
     assert "optimistic" not in caplog.text
@@ -139,6 +145,26 @@ def test_target_drop_searches_on_its_own_set_and_reports_on_the_other(data, rank
                       "--calib-weights", str(out / "partial.pt")))
     assert json.loads((tmp_path / "same" / "partial_quant.json").read_text())["search"]["same_as_report"]
     assert "optimistic" in caplog.text and same["partial_map"] == same["ptq_map"]  # 0.5: full PTQ is within budget
+
+
+@pytest.mark.slow
+def test_upper_rule_stops_when_the_whole_interval_is_within_budget(data, ranking, tmp_path):
+    """--stop-on upper: the search judges each float set by the upper end of its drop's 95 % interval on the
+    search images, so the chosen set's whole interval is within the budget; the report states that interval and
+    the interval it predicts for the report images."""
+    out = tmp_path / "upper"
+    _run(_argv(data, ranking, out, "--target-drop", "0.02", "--no-export", "--stop-on", "upper",
+               "--search-data", data["train_json"], "--search-images", data["train"]))
+    report = json.loads((out / "partial_quant.json").read_text())
+    search, steps = report["search"], report["steps"]
+    measured = search["drop_interval"]
+    assert search["stop_on"] == "upper" and measured["low"] <= measured["drop"] <= measured["high"] <= 0.02
+    assert round(search["fp_map"] - search["partial_map"], 4) == measured["drop"]
+    # the steps' drops are upper ends: the accepted set's is the one stated
+    assert any(abs(s["drop"] - measured["high"]) < 1e-4 for s in steps if s["drop"] <= 0.02)
+    predicted = search["predicted_report_interval"]  # 16 search images predicting 12 others: wider
+    assert predicted["low"] < measured["low"] and predicted["high"] > measured["high"]
+    assert predicted["drop"] == measured["drop"]
 
 
 @pytest.mark.slow
@@ -162,7 +188,7 @@ def test_rerank_search_needs_no_ranking_and_few_map_evaluations(data, tmp_path):
     assert kept and all(s["drop"] <= 0.0 for s in steps if s["action"] == "requantize")
     model = calibration.load_calibrated(out / "partial.pt")
     assert quant.float_layers(model) == sorted(report["float_layers"], key=list(quant.quant_layers(model)).index)
-    dataset = CocoDetection(data["json"], data["images"], img_size=SIZE)
+    dataset = CocoDetection(data["json"], data["images"], img_size=SIZE, letterbox="rect", stride=model.max_stride)
     assert result["partial_map"] == evaluate(TorchRunner(model), dataset, batch_size=8, workers=0,
                                              progress=False)["mAP50_95"]
 

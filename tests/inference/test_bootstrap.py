@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.errors import InputError
-from utils.inference.bootstrap import ImageMatches, format_drop, paired_bootstrap
+from utils.inference.bootstrap import DropBootstrap, ImageMatches, format_drop, paired_bootstrap, predicted_interval
 
 
 def _coco(dataset: dict) -> COCO:
@@ -121,3 +121,21 @@ def test_no_detections_and_mismatched_images():
     assert paired_bootstrap(ImageMatches(coco, reference, ids), empty, resamples=20)["mAP50"]["low"] == 1.0
     with pytest.raises(InputError, match="different images"):
         paired_bootstrap(ImageMatches(coco, reference, ids), ImageMatches(coco, reference, ids[:5]))
+
+
+def test_one_reference_many_models_and_the_prediction_for_new_images():
+    coco, reference, found, ids = _one_box_per_image(100)
+    ref, model = ImageMatches(coco, reference, ids), ImageMatches(coco, found, ids)
+    shared = DropBootstrap(ref, resamples=100, seed=3)
+    # the reference's resamples are drawn once: each comparison equals a fresh paired bootstrap with that seed
+    assert shared.compare(model) == paired_bootstrap(ref, model, resamples=100, seed=3)
+    assert shared.compare(ref)["mAP50_95"]["high"] == 0
+    result = shared.compare(model)
+    # a new set as large as this one: the drop's SD sqrt(2) times larger; 1.96 SDs either side at 95 %
+    half = 1.959964 * result["mAP50_95"]["std"] * 2 ** 0.5
+    predicted = predicted_interval(result, new_images=200)
+    assert predicted["low"] == pytest.approx(result["mAP50_95"]["drop"] - half, abs=1e-4)
+    assert predicted["high"] == pytest.approx(result["mAP50_95"]["drop"] + half, abs=1e-4)
+    # a huge new set adds no sampling error of its own: the prediction narrows to the interval of the true drop
+    narrow = predicted_interval(result, new_images=10**9)
+    assert narrow["high"] - narrow["low"] == pytest.approx(2 * 1.959964 * result["mAP50_95"]["std"], abs=2e-4)

@@ -106,6 +106,11 @@ def test_qat_on_the_bundled_model_keeps_its_structure_and_exports(demo, tmp_path
     record = run_cli(train.main, train.get_args_parser().parse_args(argv))
     assert record["after"]["loss"] < record["before"]["loss"]  # closer to the float outputs than PTQ was
     assert record["before"]["float"]["mAP50_95"] > 0 and "map" in record["after"]
+    # the drop from the float teacher on the (rect) val images, with its paired-bootstrap interval
+    drop = record["after"]["drop_interval"]
+    assert record["after"]["letterbox"] == "rect" and drop["low"] <= drop["drop"] <= drop["high"]
+    assert drop["drop"] == pytest.approx(record["before"]["float"]["mAP50_95"] - record["after"]["map"]["mAP50_95"],
+                                         abs=1.5e-4)
     assert json.loads((out / "qat.json").read_text())["after"] == record["after"]
     assert record["int8_layers"] == record["total_layers"] - 1
     start, tuned = calibration.load_calibrated(demo["partial"]), calibration.load_calibrated(out / "qat.pt")

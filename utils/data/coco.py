@@ -34,6 +34,20 @@ RECT_GROUP = 32  # images per rectangular canvas: YOLOv6 tools/eval.py's batch, 
 
 _ANNOTATION_HINT = "pass the instances_*.json of your dataset"
 
+LETTERBOX_HELP = (f"image geometry of the mAP: rect is YOLOv6's own evaluation (tools/eval.py: rectangular canvases "
+                  f"per {RECT_GROUP} images of similar aspect ratio; the mAP YOLOv6 reports), square one img-size "
+                  "canvas for every image (what a static-shape ONNX model or TensorRT engine takes)")
+
+
+def add_letterbox_argument(parser: Any, default: str | None = "rect", extra_help: str = "") -> None:
+    """``--letterbox rect|square``: the geometry of the mAP a script measures (rect, YOLOv6's, by default)."""
+    parser.add_argument("--letterbox", choices=LETTERBOXES, default=default, help=LETTERBOX_HELP + extra_help)
+
+
+def model_stride(model: Any) -> int:
+    """The largest stride of a YOLOv6 model (rect canvases round up to it); 32 for anything that does not say."""
+    return int(getattr(model, "max_stride", 32))
+
 
 def load_coco(ann_file: str | os.PathLike[str]) -> COCO:
     """Load a COCO annotation file without pycocotools' prints; InputError when missing or not COCO JSON."""
@@ -268,9 +282,9 @@ class CocoDetection(Dataset):
     Images are read as YOLOv6's evaluation (tools/eval.py) reads them: long side to img_size (INTER_AREA when
     shrinking, whole pixels), then centred on a canvas. ``letterbox``: ``rect`` (YOLOv6's default; eval_coco.py's)
     gives each group of RECT_GROUP images of similar aspect ratio the smallest canvas that holds them
-    (``rect_canvases``, with the model's largest ``stride``; load it in the groups ``batches()`` gives); ``square``
-    (this class's default, for now the other stages') puts every image on one img_size x img_size canvas (YOLOv6's
-    rect off; what a static-shape ONNX model or TensorRT engine takes).
+    (``rect_canvases``, with the model's largest ``stride``; load it in the groups ``batches()`` gives; every
+    script's default, ``--letterbox``); ``square`` (this class's default) puts every image on one img_size x img_size
+    canvas (YOLOv6's rect off; what a static-shape ONNX model or TensorRT engine takes).
 
     Attributes:
         coco: the pycocotools COCO object of the annotation file (ground truth for COCOeval).
@@ -288,7 +302,7 @@ class CocoDetection(Dataset):
         _check_max_images(max_images)
         if letterbox not in LETTERBOXES:
             raise InputError(f"--letterbox must be one of {', '.join(LETTERBOXES)}, got {letterbox!r}")
-        self.letterbox = letterbox
+        self.letterbox, self.stride = letterbox, stride
         self.coco = _load_annotations(self.ann_file)
         _check_image_dir(self.img_dir)
 

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from utils.fallback.rules import PartialModel
-from utils.inference.bootstrap import ImageMatches, paired_bootstrap, rounded_drop
+from utils.inference.bootstrap import ImageMatches, format_drop, paired_bootstrap, rounded_drop
 
 
 def format_steps(steps: Sequence[dict[str, Any]]) -> str:
@@ -36,8 +36,10 @@ def drop_intervals(matches: Mapping[str, ImageMatches], seed: int = 0) -> dict[s
         return {}
     out = {}
     for row, other in matches.items():
-        if row != "fp":
-            result = paired_bootstrap(matches["fp"], other, seed=seed)
+        if not row.startswith("fp"):
+            # the ONNX takes square inputs: measured against the float model on the same square canvases
+            reference = matches["fp_square"] if row == "onnx" and "fp_square" in matches else matches["fp"]
+            result = paired_bootstrap(reference, other, seed=seed)
             out[row] = {metric: rounded_drop(result, metric) for metric in ("mAP50_95", "mAP50")}
             out[row].update(resamples=result["resamples"], level=result["level"])
     return out
@@ -83,9 +85,20 @@ def format_summary(report: dict[str, Any]) -> str:
                   f"{_interval(report, 'ptq')}",
                   f"{'partial (fake-quant)':<26} {report['partial_map']:>9.4f} {fp - report['partial_map']:>8.4f}"
                   f"{_interval(report, 'partial')}"]
+    if "fp_square_map" in report:  # the ONNX runs square canvases: its drop is from the float model run so
+        lines.append(f"{'float (PyTorch, square)':<26} {report['fp_square_map']:>9.4f} {0:>8.4f}")
     if "onnx_map" in report:
-        lines.append(f"{'partial Q/DQ ONNX (ORT)':<26} {report['onnx_map']:>9.4f} {fp - report['onnx_map']:>8.4f}"
-                     f"{_interval(report, 'onnx')}")
+        reference = report.get("fp_square_map", fp)
+        lines.append(f"{'partial Q/DQ ONNX (ORT)':<26} {report['onnx_map']:>9.4f} "
+                     f"{reference - report['onnx_map']:>8.4f}{_interval(report, 'onnx')}")
+    if report.get("letterbox"):
+        lines.append(f"mAP on {report['letterbox']} canvases"
+                     + (" (the ONNX on square: its input size is fixed)" if "fp_square_map" in report else ""))
+    if search and "drop_interval" in search:
+        lines.append(f"search set drop {format_drop(search['drop_interval'])} ({search['num_images']} images, "
+                     f"stop on {search.get('stop_on', 'point')}); predicted on the report set: "
+                     f"[{search['predicted_report_interval']['low']:.4f}, "
+                     f"{search['predicted_report_interval']['high']:.4f}]")
     lines.append(f"INT8 layers {report['int8_layers']}/{report['total_layers']} ({report['rule']}); float: "
                  f"{', '.join(report['float_layers']) or 'none'}")
     lines.append(f"calibration: {describe_calibration(report.get('calibration') or {})}")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -121,6 +123,43 @@ def _precision_at_recalls(matched: np.ndarray, ignored: np.ndarray, weights: np.
     return out
 
 
+class DropBootstrap:
+    """Paired resamples of one reference's images, drawn once (seeded), with the reference's mAP on each: every model
+    compared with it (``compare``) reuses them, so a search comparing many models pays the reference once and all
+    its intervals use the same resamples."""
+
+    def __init__(self, reference: ImageMatches, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL):
+        if resamples < 2 or not 0 < level < 1:
+            raise InputError(f"need at least 2 resamples and a level in (0, 1), got {resamples} and {level}")
+        self.reference, self.resamples, self.seed, self.level = reference, resamples, seed, level
+        rng = np.random.default_rng(seed)
+        n = len(reference.image_ids)
+        self._weights = [np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64) for _ in range(resamples)]
+        self._point = reference.map()
+        self._resampled = np.array([reference.map(w) for w in self._weights])  # [resamples, 2]
+
+    def compare(self, model: ImageMatches) -> dict[str, Any]:
+        """The drop (reference - model) in mAP@.5:.95 and mAP@.5 with its ``level`` percentile interval.
+
+        Raises:
+            InputError: the model was evaluated on other images than the reference.
+        """
+        if self.reference.image_ids != model.image_ids:
+            raise InputError("the two evaluations cover different images: compare models evaluated on the same "
+                             f"images ({len(self.reference.image_ids)} vs {len(model.image_ids)})")
+        model_point = model.map()
+        drops = self._resampled - np.array([model.map(w) for w in self._weights])
+        tail = (1 - self.level) / 2 * 100
+        out: dict[str, Any] = {"resamples": self.resamples, "level": self.level, "seed": self.seed,
+                               "images": len(self.reference.image_ids)}
+        for column, name in enumerate(("mAP50_95", "mAP50")):
+            low, high = np.percentile(drops[:, column], [tail, 100 - tail])
+            out[name] = {"reference": self._point[column], "model": model_point[column],
+                         "drop": self._point[column] - model_point[column], "low": float(low), "high": float(high),
+                         "std": float(drops[:, column].std(ddof=1))}
+        return out
+
+
 def paired_bootstrap(reference: ImageMatches, model: ImageMatches, resamples: int = RESAMPLES, seed: int = 0,
                      level: float = LEVEL) -> dict[str, Any]:
     """The drop (reference - model) in mAP@.5:.95 and mAP@.5 on the same images, with its ``level`` percentile
@@ -129,26 +168,18 @@ def paired_bootstrap(reference: ImageMatches, model: ImageMatches, resamples: in
     Raises:
         InputError: the two were evaluated on different images.
     """
-    if reference.image_ids != model.image_ids:
-        raise InputError("the two evaluations cover different images: compare models evaluated on the same images "
-                         f"({len(reference.image_ids)} vs {len(model.image_ids)})")
-    if resamples < 2 or not 0 < level < 1:
-        raise InputError(f"need at least 2 resamples and a level in (0, 1), got {resamples} and {level}")
-    ref_point, model_point = reference.map(), model.map()
-    rng = np.random.default_rng(seed)
-    n = len(reference.image_ids)
-    drops = np.empty((resamples, 2))
-    for r in range(resamples):
-        weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
-        drops[r] = np.subtract(reference.map(weights), model.map(weights))
-    tail = (1 - level) / 2 * 100
-    out: dict[str, Any] = {"resamples": resamples, "level": level, "seed": seed, "images": n}
-    for column, name in enumerate(("mAP50_95", "mAP50")):
-        low, high = np.percentile(drops[:, column], [tail, 100 - tail])
-        out[name] = {"reference": ref_point[column], "model": model_point[column],
-                     "drop": ref_point[column] - model_point[column], "low": float(low), "high": float(high),
-                     "std": float(drops[:, column].std(ddof=1))}
-    return out
+    return DropBootstrap(reference, resamples, seed, level).compare(model)
+
+
+def predicted_interval(result: dict[str, Any], new_images: int, metric: str = "mAP50_95") -> dict[str, float]:
+    """Where the drop measured on ``result``'s images should fall on ``new_images`` other images of the same kind
+    (normal prediction interval at the result's level): the true drop is uncertain by the bootstrap SD, and a new
+    set adds its own sampling error, SD * sqrt(n / new_images); both together widen the interval by
+    sqrt(1 + n / new_images)."""
+    drop, std = result[metric]["drop"], result[metric]["std"]
+    z = float(NormalDist().inv_cdf(0.5 + result["level"] / 2))
+    half = z * std * math.sqrt(1 + result["images"] / new_images)
+    return {"drop": round(drop, 4), "low": round(drop - half, 4), "high": round(drop + half, 4)}
 
 
 def rounded_drop(result: dict[str, Any], metric: str = "mAP50_95") -> dict[str, float]:

@@ -329,9 +329,9 @@ class QatTrainer:
                 batches += 1
         return total / max(batches, 1)
 
-    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, matches: bool = False) -> dict[str, Any]:
         return evaluate(TorchRunner(model, self.device), self.val_set, batch_size=self.cfg.batch_size,
-                        workers=self.cfg.workers, progress=self.progress)
+                        workers=self.cfg.workers, progress=self.progress, matches=matches)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the per-epoch history (loss parts, val mAP where measured)."""
