@@ -39,13 +39,13 @@ from utils.data.calibration import calibration_loader, proxy_batches
 from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride
 from utils.deploy.onnx_export import build_hint, export_verified, trtexec_lines, verification_batch
 from utils.errors import InputError
+from utils.fallback.measure import DEFAULT_STOP, STOP_RULES, EvalSettings, Measurer
 from utils.fallback.report import drop_intervals, format_summary, summary
 from utils.fallback.rerank import GreedyOrder, search_rerank
 from utils.fallback.rules import PartialModel, check_ranking, choose_float_layers
 from utils.fileio import check_output_file
-from utils.inference.bootstrap import DropBootstrap, ImageMatches, predicted_interval, rounded_drop
 from utils.inference.evaluate import evaluate
-from utils.inference.runners import OnnxRuntimeRunner, TorchRunner
+from utils.inference.runners import OnnxRuntimeRunner
 from utils.quant import calibration
 from utils.quant import quantizers as quant
 from utils.quant.calibration import calibrated_model
@@ -55,8 +55,6 @@ from utils.sensitivity.probes import ProxyProbe
 from utils.sensitivity.report import read_ranking
 
 _logger = logging.getLogger("partial_quant")
-STOP_RULES = ("point", "upper")  # --stop-on
-DEFAULT_STOP = "point"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -259,59 +257,6 @@ def write_unmeasured(args: argparse.Namespace, paths: dict[str, Path], qmodel: t
     return {k: v for k, v in report.items() if k not in ("steps", "sharing", "args")}
 
 
-class Measurer:
-    """mAP50:95 of the partial model with a given float set, on the search set (what the search compares) or the
-    report set (a named row, whose mAP@.5 and per-image matching are kept for the report and its intervals).
-    ``stop_on="upper"``: the search sees fp minus the upper end of the drop's 95 % interval on the search images."""
-
-    def __init__(self, args: argparse.Namespace, model: PartialModel, qmodel: torch.nn.Module, device: torch.device,
-                 searching: CocoDetection):
-        self.args, self.model, self.qmodel, self.device, self.searching = args, model, qmodel, device, searching
-        self.map50: dict[str, float] = {}  # report-set rows' mAP@.5, beside the mAP@.5:.95 that decides
-        self.matches: dict[str, ImageMatches] = {}  # report-set rows' per-image matching, for their intervals
-        self.search_reference: DropBootstrap | None = None  # the float model on the search images
-        self.last_search: dict[str, Any] = {}  # the latest search-set evaluation: float set and matching
-
-    def evaluate(self, float_layers: list[str], dataset: CocoDetection) -> dict[str, Any]:
-        self.model.set_float(float_layers)
-        return evaluate(TorchRunner(self.qmodel, self.device), dataset, self.args.batch_size, self.args.workers,
-                        progress=not self.args.no_progress, matches=True)
-
-    def row(self, name: str, float_layers: list[str], dataset: CocoDetection) -> float:
-        metrics = self.evaluate(float_layers, dataset)
-        self.map50[name], self.matches[name] = metrics["mAP50"], metrics["matches"]
-        if name == "fp" and dataset is self.searching:  # searching on the report set: the same reference
-            self.search_reference = DropBootstrap(metrics["matches"], seed=self.args.seed)
-        return metrics["mAP50_95"]
-
-    def search_float(self) -> float:
-        """The float model on the search set: the reference of every search-set drop."""
-        metrics = self.evaluate(list(self.model.layers), self.searching)
-        self.search_reference = DropBootstrap(metrics["matches"], seed=self.args.seed)
-        return metrics["mAP50_95"]
-
-    def search_ptq(self) -> float:
-        return self.evaluate([], self.searching)["mAP50_95"]
-
-    def __call__(self, float_layers: list[str]) -> float:
-        """What the search compares with fp - D: the search-set mAP (point), or fp - the drop's upper bound."""
-        metrics = self.evaluate(float_layers, self.searching)
-        self.last_search = {"float_layers": sorted(float_layers), "matches": metrics["matches"]}
-        if self.args.stop_on == "upper":
-            result = self.search_reference.compare(metrics["matches"])["mAP50_95"]
-            return result["reference"] - result["high"]
-        return metrics["mAP50_95"]
-
-    def search_interval(self, float_layers: list[str], report_images: int) -> dict[str, Any]:
-        """The chosen model's search-set drop with its 95 % interval, and where that predicts the drop on
-        ``report_images`` other images to fall."""
-        if self.last_search.get("float_layers") != sorted(float_layers):
-            self(float_layers)
-        result = self.search_reference.compare(self.last_search["matches"])
-        return {"drop_interval": rounded_drop(result), "predicted_report_interval": predicted_interval(
-            result, report_images), "resamples": result["resamples"], "level": result["level"]}
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     check_args(args)
@@ -329,7 +274,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         check_ranking(order, model.layers, str(args.sensitivity_file))
     if reporting is None:  # --skip-layers / --quant-boundary need no evaluation
         return write_unmeasured(args, paths, qmodel, model, calib, order, start)
-    measure = Measurer(args, model, qmodel, device, searching)
+    measure = Measurer(model, qmodel, device, searching,
+                       EvalSettings(args.batch_size, args.workers, not args.no_progress, args.seed, args.stop_on))
     fp_map, ptq_map = measure.row("fp", list(model.layers), reporting), measure.row("ptq", [], reporting)
     _logger.info("FP mAP50:95 %.4f, full PTQ %.4f (drop %.4f) [%s letterbox]", fp_map, ptq_map, fp_map - ptq_map,
                  args.letterbox)

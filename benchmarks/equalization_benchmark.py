@@ -29,7 +29,7 @@ from real_coco_benchmark import add_real_set_arguments, check_real_sets, start_r
 from models import load_model  # noqa: E402
 from utils.cli import ArgumentParser, args_dict, positive_int, run_cli, write_json  # noqa: E402
 from utils.data.calibration import calibration_loader  # noqa: E402
-from utils.data.coco import CocoDetection  # noqa: E402
+from utils.data.coco import CocoDetection, model_stride  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
@@ -77,17 +77,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _settings_key(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """What a row depends on: a finished row with the same key is reused."""
-    return {"grid": list(GRID[name]), "weights": str(args.weights), "train_images": str(args.train_images),
+    return {"grid": list(GRID[name]), "weights": str(args.weights), "calib_folder": str(args.unlabelled_images),
             "img_size": args.img_size, "batch_size": args.batch_size, "calib_images": args.calib_images,
             "max_images": args.max_images, "entropy_stride": args.entropy_stride,
-            "sets": [str(args.train_data), str(args.val_data)]}
+            "sets": [str(args.train_data), str(args.val_data)], "letterbox": args.letterbox}
 
 
 def run_setting(args: argparse.Namespace, name: str, sets: dict[str, CocoDetection],
                 device: torch.device) -> dict[str, Any]:
     method, percentile, setting, alpha, range_percentile, bias = GRID[name]
     batch_number = max(1, args.calib_images // args.batch_size)
-    loader = calibration_loader(args.train_images, args.img_size, args.batch_size, batch_number, args.workers)
+    loader = calibration_loader(args.unlabelled_images, args.img_size, args.batch_size, batch_number, args.workers)
     start = time.perf_counter()
     qmodel, record = calibration.calibrated_model(
         load_model(args.weights), loader=loader, batch_number=batch_number, calib_method=method,
@@ -115,12 +115,14 @@ def format_table(rows: dict[str, dict[str, Any]], best: str | None) -> str:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_real_sets(args)
     device, out = start_run(args)
+    stride = model_stride(load_model(args.weights))
     sets = {split: CocoDetection(getattr(args, f"{split}_data"), getattr(args, f"{split}_images"),
-                                 img_size=args.img_size, max_images=args.max_images) for split in ("train", "val")}
+                                 img_size=args.img_size, max_images=args.max_images, letterbox=args.letterbox,
+                                 stride=stride) for split in ("train", "val")}
     finished_path = out / "rows_so_far.json"
     finished = json.loads(finished_path.read_text()) if finished_path.is_file() else {}
     float_key = {"weights": str(args.weights), "img_size": args.img_size, "max_images": args.max_images,
-                 "sets": [str(args.train_data), str(args.val_data)]}
+                 "sets": [str(args.train_data), str(args.val_data)], "letterbox": args.letterbox}
     if finished.get("float", {}).get("key") == float_key:
         rows = {"float": finished["float"]}
     else:

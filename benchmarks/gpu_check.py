@@ -37,7 +37,7 @@ from utils.cli import (  # noqa: E402
     run_cli,
     write_json,
 )
-from utils.data.coco import CocoDetection  # noqa: E402
+from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride  # noqa: E402
 from utils.inference.evaluate import evaluate  # noqa: E402
 from utils.inference.runners import TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
@@ -56,6 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", nargs=2, type=device_spec, default=["cpu", "cuda:0"], metavar="DEV",
                         help="the reference device and the one checked against it")
     parser.add_argument("--img-size", type=img_size, default=320, metavar="N", help="letterbox size")
+    add_letterbox_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch")
     parser.add_argument("--batch-number", type=positive_int, default=4, metavar="N", help="calibration batches")
     parser.add_argument("--calib-method", choices=quant.METHODS, default="percentile",
@@ -91,7 +92,8 @@ def run_device(args: argparse.Namespace, device_name: str, folder: Path) -> dict
     rank_s = time.perf_counter() - start
     report = json.loads(Path(ranking["json"]).read_text())
     order = [row["name"] for row in sorted(report["layers"], key=lambda r: r["rank"])]
-    val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size)
+    val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size, letterbox=args.letterbox,
+                        stride=model_stride(load_model(args.weights)))
     maps, eval_s = {}, {}
     calibrated = calibration.load_calibrated(folder / "calibrated.pt", device)
     for name, model in (("float", load_model(args.weights, device=device)), ("int8", calibrated)):

@@ -67,6 +67,7 @@ from utils.data.calibration import calibration_loader  # noqa: E402
 from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride  # noqa: E402
 from utils.deploy.onnx_export import export_verified, verification_batch  # noqa: E402
 from utils.errors import InputError  # noqa: E402
+from utils.fallback.measure import DEFAULT_STOP, STOP_RULES  # noqa: E402
 from utils.fileio import ensure_folder  # noqa: E402
 from utils.inference.bootstrap import format_drop, paired_bootstrap, rounded_drop  # noqa: E402
 from utils.inference.evaluate import evaluate, evaluate_predictions  # noqa: E402
@@ -153,7 +154,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed-from", choices=("plain", "eq"), default="plain",
                      help="the seed's ranking and search start from the plain or the equalized --partial-calibrator "
                           "calibration")
-    run.add_argument("--stop-on", choices=partial_quant.STOP_RULES, default=partial_quant.DEFAULT_STOP,
+    run.add_argument("--stop-on", choices=STOP_RULES, default=DEFAULT_STOP,
                      help="both searches' rule (see partial_quant.py --stop-on)")
     run.add_argument("--method-calibrator", choices=list(CALIBRATORS), default="auto",
                      help="calibration of our partial quantization")

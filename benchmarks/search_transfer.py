@@ -26,6 +26,7 @@ import real_coco_benchmark as rcb  # noqa: E402
 from utils.cli import args_dict, positive_int, run_cli, write_json  # noqa: E402
 from utils.data.coco import CocoDetection  # noqa: E402
 from utils.errors import InputError  # noqa: E402
+from utils.fallback.measure import STOP_RULES  # noqa: E402
 
 _logger = logging.getLogger("search_transfer")
 METHODS = ("seed", "ours")
@@ -37,8 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     study = parser.add_argument_group("search transfer")
     study.add_argument("--search-sizes", nargs="+", type=positive_int, default=[100, 200, 343], metavar="N",
                        help="search on the first N train images (N >= the train set: all of them)")
-    study.add_argument("--stop-rules", nargs="+", choices=rcb.partial_quant.STOP_RULES,
-                       default=list(rcb.partial_quant.STOP_RULES), metavar="R", help="partial_quant.py --stop-on")
+    study.add_argument("--stop-rules", nargs="+", choices=STOP_RULES,
+                       default=list(STOP_RULES), metavar="R", help="partial_quant.py --stop-on")
     study.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
                        help="seed: map ranking + search from --seed-from; ours: re-ranking search from the "
                             "equalized --method-calibrator calibration")

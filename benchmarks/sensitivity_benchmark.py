@@ -36,7 +36,7 @@ from utils.cli import (  # noqa: E402
     write_json,
 )
 from utils.data.calibration import calibration_loader, proxy_batches  # noqa: E402
-from utils.data.coco import CocoDetection  # noqa: E402
+from utils.data.coco import CocoDetection, add_letterbox_argument, model_stride  # noqa: E402
 from utils.data.synthetic import ensure_synthetic_coco  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.quant.calibration import calibrated_model  # noqa: E402
@@ -69,6 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="without --data/--images/--data-root: the synthetic set (200 val images, seed 0, as in "
                            "make demo) is generated here once and reused")
     data.add_argument("--img-size", type=img_size, default=320, metavar="N", help="letterbox size")
+    add_letterbox_argument(data, extra_help=" (map's images; the proxies compare outputs on square ones)")
     data.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                       help="map on the first N evaluation images (default: all)")
     data.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch")
@@ -90,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _probe(method: str, qmodel: torch.nn.Module, layers: list[str], args: argparse.Namespace,
            device: torch.device) -> Any:
     if method == "map":
-        dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images)
+        dataset = CocoDetection(args.data, args.images, img_size=args.img_size, max_images=args.max_images,
+                                letterbox=args.letterbox, stride=model_stride(qmodel))
         return MapProbe(qmodel, dataset, args.batch_size, args.workers, device)
     batches, _ = proxy_batches(args.data_root, args.img_size, args.proxy_images, args.batch_size,
                                args.workers)

@@ -183,3 +183,29 @@ def test_equalization_benchmark_chooses_on_train_and_reports_val(tiny_checkpoint
     mtime = (tmp_path / "out" / "rows_so_far.json").stat().st_mtime_ns
     bench.main(args)  # finished settings are reused
     assert (tmp_path / "out" / "rows_so_far.json").stat().st_mtime_ns == mtime
+
+
+def test_search_transfer_states_each_search_and_what_val_measured(tiny_checkpoint, tiny_val, tmp_path, capsys):
+    bench = load_script("benchmarks/search_transfer.py")
+    args = bench.get_args_parser().parse_args(
+        ["--weights", str(tiny_checkpoint), *_real_sets(tiny_val), "--img-size", str(SIZE), "--batch-size", "4",
+         "--calib-images", "8", "--workers", "0", "--proxy-images", "4", "--rerank-pool", "2", "--target-drop",
+         "0.05", "--layers", *LAYERS[:2], "--search-sizes", "6", "100", "--output-dir", str(tmp_path / "out"),
+         "--json", str(tmp_path / "transfer.json"), "--no-progress"])
+    rows = bench.main(args)
+    images = len(json.loads(open(tiny_val["json"]).read())["images"])
+    assert list(rows) == [f"{m} {n} {r}" for m in ("seed", "ours") for n in (6, images) for r in ("point", "upper")]
+    for name, row in rows.items():
+        predicted, val = row["predicted_val"], row["val_drop"]
+        assert row["search_images"] == int(name.split()[1])
+        assert row["val_inside_prediction"] == (predicted["low"] <= val["drop"] <= predicted["high"])
+        assert row["val_within_target"] == (val["drop"] <= 0.05)
+        if name.endswith("upper"):  # the whole interval of the chosen set's search drop is within the budget
+            assert row["search_drop"]["high"] <= 0.05
+        else:
+            assert row["search_drop"]["drop"] <= 0.05
+    assert "predicted val" in capsys.readouterr().out
+    assert json.loads((tmp_path / "transfer.json").read_text())["rows"] == rows
+    # the seed's ranking and the calibrations are real_coco_benchmark's own (shared --output-dir)
+    assert (tmp_path / "out" / "ranking_eq" / "sensitivity_map.json").is_file()
+    assert (tmp_path / "out" / "calibrated_percentile-99.99_eq.pt").is_file()

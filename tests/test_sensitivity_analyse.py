@@ -65,7 +65,10 @@ def test_map_numbers_equal_independent_evaluations(tiny_checkpoint, tiny_val, tm
     result = _run(_map_argv(tiny_checkpoint, tiny_val, tmp_path / "out"))
     report = json.loads(Path(result["json"]).read_text())
     model = calibration.load_calibrated(tmp_path / "out" / "calibrated.pt")
-    dataset = CocoDetection(tiny_val["json"], tiny_val["images"], img_size=SIZE, max_images=6)
+    # YOLOv6's rect canvases by default, as eval_coco.py
+    dataset = CocoDetection(tiny_val["json"], tiny_val["images"], img_size=SIZE, max_images=6, letterbox="rect",
+                            stride=model.max_stride)
+    assert report["data"]["letterbox"] == "rect"
 
     def evaluate_now() -> tuple[float, float]:
         metrics = evaluate(TorchRunner(model), dataset, batch_size=4, workers=0, progress=False)
@@ -201,7 +204,8 @@ def test_revert_direction_map_numbers_files_and_shards(tiny_checkpoint, tiny_val
     assert Path(result["txt"]).name == "sensitivity_map_revert.txt" and result["direction"] == "revert"
     report = json.loads(Path(result["json"]).read_text())
     model = calibration.load_calibrated(out / "calibrated.pt")
-    dataset = CocoDetection(tiny_val["json"], tiny_val["images"], img_size=SIZE, max_images=6)
+    dataset = CocoDetection(tiny_val["json"], tiny_val["images"], img_size=SIZE, max_images=6, letterbox="rect",
+                            stride=model.max_stride)
     values = {}
     for layer in LAYERS:
         quant.enable_all(model)
