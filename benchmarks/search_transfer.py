@@ -57,12 +57,20 @@ def check_args(args: argparse.Namespace) -> None:
 
 def search(args: argparse.Namespace, out: Path, method: str, size: int, rule: str, train_images: int,
            ranking: str | None) -> dict[str, Any]:
-    """One search (reused when finished with the same arguments): its partial_quant.json."""
-    args.stop_on = rule
+    """One search (reused when finished with the same arguments): its partial_quant.json. On the whole train set
+    with real_coco_benchmark.py's --stop-on it is that benchmark's own search, in its folder, so either script
+    reuses the other's."""
+    benchmark_rule, args.stop_on = args.stop_on, rule
     argv = rcb.seed_search_argv(args, out, ranking) if method == "seed" else rcb.our_search_argv(args, out, True)
+    folder = out / "transfer" / f"{method}_{min(size, train_images)}_{rule}"
     if size < train_images:
         argv += ["--search-max-images", str(size)]
-    return rcb.run_partial(out / "transfer" / f"{method}_{min(size, train_images)}_{rule}", argv)
+    elif rule == benchmark_rule:
+        folder = out / ("partial" if method == "seed" else "ours_eq")
+    try:
+        return rcb.run_partial(folder, argv)
+    finally:
+        args.stop_on = benchmark_rule
 
 
 def transfer_row(report: dict[str, Any], target: float) -> dict[str, Any]:

@@ -209,3 +209,8 @@ def test_search_transfer_states_each_search_and_what_val_measured(tiny_checkpoin
     # the seed's ranking and the calibrations are real_coco_benchmark's own (shared --output-dir)
     assert (tmp_path / "out" / "ranking_eq" / "sensitivity_map.json").is_file()
     assert (tmp_path / "out" / "calibrated_percentile-99.99_eq.pt").is_file()
+    # on the whole train set with the benchmark's --stop-on (point), the searches are real_coco_benchmark's own
+    for folder in ("partial", "ours_eq"):
+        report = json.loads((tmp_path / "out" / folder / "partial_quant.json").read_text())
+        assert report["search"]["stop_on"] == "point" and "search_max_images" not in report["args"] or \
+            report["args"]["search_max_images"] is None
