@@ -62,7 +62,7 @@ def search(args: argparse.Namespace, out: Path, method: str, size: int, rule: st
     reuses the other's."""
     benchmark_rule, args.stop_on = args.stop_on, rule
     argv = rcb.seed_search_argv(args, out, ranking) if method == "seed" else rcb.our_search_argv(args, out, True)
-    folder = out / "transfer" / f"{method}_{min(size, train_images)}_{rule}"
+    folder = out / "transfer" / f"{method}_{min(size, train_images)}_{rule}_drop{args.target_drop:g}"
     if size < train_images:
         argv += ["--search-max-images", str(size)]
     elif rule == benchmark_rule:
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for method in args.methods:
         for size in sorted(set(args.search_sizes)):
             for rule in args.stop_rules:
-                name = f"{method} {min(size, train_images)} {rule}"
+                name = f"{method} {min(size, train_images)} {rule} {args.target_drop:g}"
                 rows[name] = transfer_row(search(args, out, method, size, rule, train_images, ranking),
                                           args.target_drop)
                 _logger.info("%s: %s", name, rows[name])

@@ -194,7 +194,8 @@ def test_search_transfer_states_each_search_and_what_val_measured(tiny_checkpoin
          "--json", str(tmp_path / "transfer.json"), "--no-progress"])
     rows = bench.main(args)
     images = len(json.loads(open(tiny_val["json"]).read())["images"])
-    assert list(rows) == [f"{m} {n} {r}" for m in ("seed", "ours") for n in (6, images) for r in ("point", "upper")]
+    assert list(rows) == [f"{m} {n} {r} 0.05" for m in ("seed", "ours") for n in (6, images)
+                          for r in ("point", "upper")]
     for name, row in rows.items():
         predicted, val = row["predicted_val"], row["val_drop"]
         assert row["search_images"] == int(name.split()[1])
