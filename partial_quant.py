@@ -316,7 +316,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.eval_onnx:
             report.update(evaluate_onnx(args, paths["onnx"], measure, reporting))
     report["map50"] = measure.map50
-    report["intervals"] = drop_intervals(measure.matches, args.seed)
+    report["intervals"] = drop_intervals(measure.matches, measure.letterbox, args.seed)
     report.update(checkpoint=str(paths["checkpoint"]), seconds=round(time.perf_counter() - start, 2))
     write_json(paths["report"], report)
     print(format_summary(report))
@@ -329,7 +329,7 @@ def evaluate_onnx(args: argparse.Namespace, onnx: Path, measure: Measurer, repor
     square = reporting if reporting.letterbox == "square" else report_set(args, reporting.stride, "square")
     metrics = evaluate(OnnxRuntimeRunner(onnx, optimization="basic"), square, args.batch_size, args.workers,
                        progress=not args.no_progress, matches=True)
-    measure.map50["onnx"], measure.matches["onnx"] = metrics["mAP50"], metrics["matches"]
+    measure.record("onnx", metrics, square.letterbox)
     out = {"onnx_map": metrics["mAP50_95"], "onnx_letterbox": "square"}
     if square is not reporting:
         out["fp_square_map"] = measure.row("fp_square", list(measure.model.layers), square)

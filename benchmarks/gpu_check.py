@@ -92,11 +92,12 @@ def run_device(args: argparse.Namespace, device_name: str, folder: Path) -> dict
     rank_s = time.perf_counter() - start
     report = json.loads(Path(ranking["json"]).read_text())
     order = [row["name"] for row in sorted(report["layers"], key=lambda r: r["rank"])]
+    float_model = load_model(args.weights, device=device)
     val = CocoDetection(args.val_data, args.val_images, img_size=args.img_size, letterbox=args.letterbox,
-                        stride=model_stride(load_model(args.weights)))
+                        stride=model_stride(float_model))
     maps, eval_s = {}, {}
     calibrated = calibration.load_calibrated(folder / "calibrated.pt", device)
-    for name, model in (("float", load_model(args.weights, device=device)), ("int8", calibrated)):
+    for name, model in (("float", float_model), ("int8", calibrated)):
         start = time.perf_counter()
         maps[name] = float(evaluate(TorchRunner(model, device), val, args.batch_size, args.workers,
                                     progress=not args.no_progress)["mAP50_95"])

@@ -362,9 +362,9 @@ def run_partial(folder: Path, argv: list[str]) -> dict[str, Any]:
                          lambda a: partial_quant.main(partial_quant.get_args_parser().parse_args(a)))
 
 
-def _search_sets(args: argparse.Namespace) -> list[str]:
+def _search_sets(args: argparse.Namespace, stop_on: str | None = None) -> list[str]:
     return ["--data", str(args.val_data), "--images", str(args.val_images), "--search-data", str(args.train_data),
-            "--search-images", str(args.train_images), "--stop-on", args.stop_on]
+            "--search-images", str(args.train_images), "--stop-on", stop_on or args.stop_on]
 
 
 def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection, partial: dict[str, Any],
@@ -411,18 +411,19 @@ def _partial_row(partial: dict[str, Any], **extra: Any) -> dict[str, Any]:
             **extra}
 
 
-def seed_search_argv(args: argparse.Namespace, out: Path, ranking: str | Path) -> list[str]:
+def seed_search_argv(args: argparse.Namespace, out: Path, ranking: str | Path, stop_on: str | None = None) -> list[str]:
     """partial_quant.py's arguments for the seed's search: its ranking, --target-drop on the train set."""
     return [*_common(args), "--calib-weights", str(seed_calibration(args, out)), "--sensitivity-file", str(ranking),
-            "--target-drop", str(args.target_drop), *_search_sets(args)]
+            "--target-drop", str(args.target_drop), *_search_sets(args, stop_on)]
 
 
-def our_search_argv(args: argparse.Namespace, out: Path, eq: bool) -> list[str]:
+def our_search_argv(args: argparse.Namespace, out: Path, eq: bool, stop_on: str | None = None) -> list[str]:
     """partial_quant.py's arguments for ours: --rerank by the proxy on the unlabelled images, --target-drop on the
     train set, from the --method-calibrator calibration (``eq``: the equalized one)."""
     return [*_common(args), "--calib-weights", str(calibrated_path(out, args.method_calibrator, eq)), "--data-root",
             str(args.unlabelled_images), "--rerank", args.rerank, "--rerank-pool", str(args.rerank_pool),
-            "--proxy-images", str(args.proxy_images), "--target-drop", str(args.target_drop), *_search_sets(args)]
+            "--proxy-images", str(args.proxy_images), "--target-drop", str(args.target_drop),
+            *_search_sets(args, stop_on)]
 
 
 def seed_rows(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict], dict[str, Any]]:
@@ -564,14 +565,14 @@ def report_sets(args: argparse.Namespace, stride: int) -> dict[str, CocoDetectio
     return sets
 
 
-def float_rows(args: argparse.Namespace, sets: dict[str, CocoDetection], device: torch.device,
-               out: Path) -> dict[str, dict[str, Any]]:
+def float_rows(args: argparse.Namespace, model: torch.nn.Module, sets: dict[str, CocoDetection],
+               device: torch.device, out: Path) -> dict[str, dict[str, Any]]:
     """The float model on every report geometry, its predictions kept (the reference of the drops' intervals)."""
     rows = {}
     for letterbox, dataset in sets.items():
         name = float_row(letterbox, sets)
         start, predictions = time.perf_counter(), predictions_file(out, name)
-        metrics = evaluate(TorchRunner(load_model(args.weights), device), dataset, args.batch_size, args.workers,
+        metrics = evaluate(TorchRunner(model, device), dataset, args.batch_size, args.workers,
                            progress=not args.no_progress, save_json=predictions)
         rows[name] = {**_maps(metrics), "seconds": round(time.perf_counter() - start, 1),
                       "predictions": str(predictions), "letterbox": letterbox}
@@ -620,9 +621,10 @@ def format_quality(table: dict[str, dict[str, Any]]) -> str:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     device, out = start_run(args)
-    sets = report_sets(args, model_stride(load_model(args.weights)))
+    model = load_model(args.weights)
+    sets = report_sets(args, model_stride(model))
     val, square = sets[args.letterbox], sets.get("square")
-    rows = float_rows(args, sets, device, out)
+    rows = float_rows(args, model, sets, device, out)
     rows.update(full_int8_rows(args, val, device, out))
     write_json(out / "rows_so_far.json", rows)  # the finished stages survive an interrupted ranking or search
     partials, our_partial = {}, None

@@ -60,17 +60,14 @@ def search(args: argparse.Namespace, out: Path, method: str, size: int, rule: st
     """One search (reused when finished with the same arguments): its partial_quant.json. On the whole train set
     with real_coco_benchmark.py's --stop-on it is that benchmark's own search, in its folder, so either script
     reuses the other's."""
-    benchmark_rule, args.stop_on = args.stop_on, rule
-    argv = rcb.seed_search_argv(args, out, ranking) if method == "seed" else rcb.our_search_argv(args, out, True)
+    argv = rcb.seed_search_argv(args, out, ranking, rule) if method == "seed" else \
+        rcb.our_search_argv(args, out, True, rule)
     folder = out / "transfer" / f"{method}_{min(size, train_images)}_{rule}_drop{args.target_drop:g}"
     if size < train_images:
         argv += ["--search-max-images", str(size)]
-    elif rule == benchmark_rule:
+    elif rule == args.stop_on:
         folder = out / ("partial" if method == "seed" else "ours_eq")
-    try:
-        return rcb.run_partial(folder, argv)
-    finally:
-        args.stop_on = benchmark_rule
+    return rcb.run_partial(folder, argv)
 
 
 def transfer_row(report: dict[str, Any], target: float) -> dict[str, Any]:

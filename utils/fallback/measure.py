@@ -38,6 +38,7 @@ class Measurer:
             settings
         self.map50: dict[str, float] = {}  # report-set rows' mAP@.5, beside the mAP@.5:.95 that decides
         self.matches: dict[str, ImageMatches] = {}  # report-set rows' per-image matching, for their intervals
+        self.letterbox: dict[str, str] = {}  # each row's geometry: a drop is taken from the float row of the same
         self.search_reference: DropBootstrap | None = None  # the float model on the search images
         self._last_search: dict[str, Any] = {}  # the latest search-set evaluation: float set and matching
 
@@ -49,10 +50,14 @@ class Measurer:
     def row(self, name: str, float_layers: list[str], dataset: CocoDetection) -> float:
         """A report row's mAP50:95 (``fp`` on the search set itself also becomes the search's reference)."""
         metrics = self.evaluate(float_layers, dataset)
-        self.map50[name], self.matches[name] = metrics["mAP50"], metrics["matches"]
+        self.record(name, metrics, dataset.letterbox)
         if name == "fp" and dataset is self.searching:
             self.search_reference = DropBootstrap(metrics["matches"], seed=self.settings.seed)
         return metrics["mAP50_95"]
+
+    def record(self, name: str, metrics: dict[str, Any], letterbox: str) -> None:
+        """Keep a report row measured on ``letterbox`` canvases (by this model, or another runner of it)."""
+        self.map50[name], self.matches[name], self.letterbox[name] = metrics["mAP50"], metrics["matches"], letterbox
 
     def search_float(self) -> float:
         """The float model on the search set: the reference of every search-set drop."""

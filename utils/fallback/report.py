@@ -30,16 +30,15 @@ def summary(fp_map: float | None, ptq_map: float | None, partial_map: float | No
             "sharing": model.sharing, "calibration": calibration, "args": args or {}}
 
 
-def drop_intervals(matches: Mapping[str, ImageMatches], seed: int = 0) -> dict[str, Any]:
-    """Each report-set row's drop from ``fp`` with its 95 % paired-bootstrap interval over the report images."""
-    if "fp" not in matches:
-        return {}
+def drop_intervals(matches: Mapping[str, ImageMatches], letterbox: Mapping[str, str],
+                   seed: int = 0) -> dict[str, Any]:
+    """Each report-set row's drop with its 95 % paired-bootstrap interval over the report images, from the float row
+    (``fp``, ``fp_<geometry>``) measured on the same canvases (``letterbox``: each row's geometry)."""
+    floats = {letterbox[row]: row for row in matches if row == "fp" or row.startswith("fp_")}
     out = {}
     for row, other in matches.items():
-        if not row.startswith("fp"):
-            # the ONNX takes square inputs: measured against the float model on the same square canvases
-            reference = matches["fp_square"] if row == "onnx" and "fp_square" in matches else matches["fp"]
-            result = paired_bootstrap(reference, other, seed=seed)
+        if row not in floats.values() and letterbox[row] in floats:
+            result = paired_bootstrap(matches[floats[letterbox[row]]], other, seed=seed)
             out[row] = {metric: rounded_drop(result, metric) for metric in ("mAP50_95", "mAP50")}
             out[row].update(resamples=result["resamples"], level=result["level"])
     return out
