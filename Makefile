@@ -10,12 +10,13 @@ DEMO_VAL ?= 200
 DEMO_SEED ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test train-demo clean-demo help
+.PHONY: venv demo test train-demo clean-demo help peers
 
 help:
 	@echo "make demo   - create $(VENV), install, run the partial-quantization pipeline on the bundled model (writes $(DEMO_DIR)/)"
 	@echo "make test   - create $(VENV), install, run the test suite"
 	@echo "make train-demo - retrain the bundled demo detector (~40 min on 2 CPU cores)"
+	@echo "make peers  - also install NNCF and ModelOpt into $(VENV) (optional, for benchmarks/peers.py)"
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -27,6 +28,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Optional peers (benchmarks/peers.py); requirements.txt again keeps the pinned CPU torch and onnx in place.
+peers: venv
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-peers.txt
 
 DEMO_CALIB ?= 64
 DEMO_TARGET_DROP ?= 0.001

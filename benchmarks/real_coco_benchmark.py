@@ -367,26 +367,36 @@ def _search_sets(args: argparse.Namespace, stop_on: str | None = None) -> list[s
             "--search-images", str(args.train_images), "--stop-on", stop_on or args.stop_on]
 
 
-def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection, partial: dict[str, Any],
-                     device: torch.device) -> dict:
-    """The partial model's Q/DQ ONNX, verified against PyTorch, and its mAP on ONNX Runtime on ``val`` (square
-    canvases: the ONNX's input size is fixed), beside the PyTorch model's on the same canvases. When the
-    verification fails at its default tolerances the ONNX is written anyway (tolerances lifted) so its mAP is still
-    measured, and the row says so: the failure is a result, not a reason to lose the table."""
+def export_partial_onnx(args: argparse.Namespace, folder: Path, partial: dict[str, Any]) -> tuple[Any, dict]:
+    """The partial model (``partial["checkpoint"]``) and its Q/DQ ONNX in ``folder``, verified against PyTorch. When
+    the verification fails at its default tolerances the ONNX is written anyway (tolerances lifted) so its mAP is
+    still measured, and the record says so: the failure is a result, not a reason to lose the table."""
     qmodel = calibration.load_calibrated(partial["checkpoint"])
-    pytorch = float(evaluate(TorchRunner(qmodel, device), val, args.batch_size, args.workers,
-                             progress=not args.no_progress)["mAP50_95"])
     images = verification_batch(args.val_images, args.img_size, 2)
     path = folder / "partial_qdq.onnx"
-    row: dict[str, Any] = {"int8_layers": partial["int8_layers"], "total_layers": partial["total_layers"]}
     try:
-        record = export_verified(qmodel, path, images, img_size=args.img_size, dynamic_batch=True)
-        row["verified"] = True
+        record = {**export_verified(qmodel, path, images, img_size=args.img_size, dynamic_batch=True),
+                  "verified": True}
     except InputError as exc:
         _logger.warning("ONNX verification failed (%s): exported unchecked to measure its mAP", exc)
-        record = export_verified(qmodel, path, images, img_size=args.img_size, dynamic_batch=True,
-                                 tolerances=(float("inf"), float("inf")))
-        row.update(verified=False, verification_error=str(exc))
+        record = {**export_verified(qmodel, path, images, img_size=args.img_size, dynamic_batch=True,
+                                    tolerances=(float("inf"), float("inf"))),
+                  "verified": False, "verification_error": str(exc)}
+    return qmodel, record
+
+
+def partial_onnx_row(args: argparse.Namespace, folder: Path, val: CocoDetection, partial: dict[str, Any],
+                     device: torch.device) -> dict:
+    """The partial model's Q/DQ ONNX (``export_partial_onnx``) and its mAP on ONNX Runtime on ``val`` (square
+    canvases: the ONNX's input size is fixed), beside the PyTorch model's on the same canvases."""
+    qmodel, record = export_partial_onnx(args, folder, partial)
+    pytorch = float(evaluate(TorchRunner(qmodel, device), val, args.batch_size, args.workers,
+                             progress=not args.no_progress)["mAP50_95"])
+    path = Path(record["onnx"])
+    row: dict[str, Any] = {"int8_layers": partial["int8_layers"], "total_layers": partial["total_layers"],
+                           "verified": record["verified"]}
+    if not record["verified"]:
+        row["verification_error"] = record["verification_error"]
     start = time.perf_counter()
     metrics = evaluate(OnnxRuntimeRunner(path, optimization="basic"), val, args.batch_size, args.workers,
                        progress=not args.no_progress, save_json=folder / "onnx_predictions.json")

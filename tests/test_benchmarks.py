@@ -5,10 +5,15 @@ import json
 import os
 import shutil
 
+import onnx
 import pytest
 
 from tests.helpers import SIZE, load_script
 from utils.cli import run_cli
+from utils.data.coco import CocoDetection
+from utils.deploy.onnx_graph import qdq_summary
+from utils.inference.evaluate import evaluate
+from utils.inference.runners import OnnxRuntimeRunner
 from utils.quant import calibration
 from utils.sensitivity.metrics import METHODS
 
@@ -215,3 +220,69 @@ def test_search_transfer_states_each_search_and_what_val_measured(tiny_checkpoin
         report = json.loads((tmp_path / "out" / folder / "partial_quant.json").read_text())
         assert report["search"]["stop_on"] == "point" and "search_max_images" not in report["args"] or \
             report["args"]["search_max_images"] is None
+
+
+def _peer_args(bench, tiny_checkpoint, tiny_val, tmp_path, *extra: str):
+    return bench.get_args_parser().parse_args(
+        ["--weights", str(tiny_checkpoint), *_real_sets(tiny_val), "--img-size", str(SIZE), "--batch-size", "4",
+         "--calib-images", "8", "--workers", "0", "--target-drop", "1.0", "--output-dir", str(tmp_path / "out"),
+         "--json", str(tmp_path / "peers.json"), "--no-progress", *extra])
+
+
+def test_peers_benchmark_names_each_missing_peer_and_runs_the_rest(tiny_checkpoint, tiny_val, tmp_path, capsys,
+                                                                 monkeypatch):
+    from utils.quant import peers
+
+    bench = load_script("benchmarks/peers.py")
+    monkeypatch.setattr(peers, "missing_peers", lambda names: {n: f"{n} is not installed" for n in names})
+    bench.main(_peer_args(bench, tiny_checkpoint, tiny_val, tmp_path))
+    printed = capsys.readouterr().out
+    assert all(f"skipping {row}: " in printed for row in bench.PEER_ROWS)
+    rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
+    ours = "ours: search (drop 1.0 on train) Q/DQ ONNX"
+    assert list(rows) == [bench.FLOAT_ONNX, bench.FLOAT_TORCH, "ours full INT8 (p99.99)",
+                          "ours full INT8 (p99.99 + eq depthwise + bias corr.)", ours]
+    # the ONNX row: its numbers are those of its file, measured independently; its drop is from the FP32 ONNX
+    val = CocoDetection(tiny_val["json"], tiny_val["images"], img_size=SIZE)
+    truth = evaluate(OnnxRuntimeRunner(rows[ours]["onnx"], optimization="basic"), val, 4, 0, progress=False)
+    assert rows[ours]["mAP50_95"] == round(truth["mAP50_95"], 4)
+    counts = qdq_summary(onnx.load(rows[ours]["onnx"]))
+    assert rows[ours]["int8_layers"] == counts["quantized_conv"] == rows[ours]["total_layers"]  # drop 1.0: all INT8
+    assert rows[ours]["drop_interval"]["drop"] == round(rows[bench.FLOAT_ONNX]["mAP50_95"] - rows[ours]["mAP50_95"], 4)
+    assert rows[ours]["reference"] == bench.FLOAT_ONNX
+    assert rows["ours full INT8 (p99.99)"]["reference"] == bench.FLOAT_TORCH
+
+
+def test_peers_benchmark_rejects_impossible_bits(tiny_checkpoint, tiny_val, tmp_path, capsys):
+    bench = load_script("benchmarks/peers.py")
+    with pytest.raises(SystemExit) as exc:
+        run_cli(bench.main, _peer_args(bench, tiny_checkpoint, tiny_val, tmp_path, "--auto-quantize-bits", "20"))
+    assert exc.value.code == 2 and "--auto-quantize-bits must be between 8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _peers_missing() -> dict:
+    from utils.quant import peers
+
+    return peers.missing_peers()
+
+
+@pytest.mark.skipif(bool(_peers_missing()), reason="NNCF / ModelOpt not installed (optional: pip install -r "
+                                                   "requirements-peers.txt)")
+def test_peers_benchmark_rows_are_their_models_numbers(tiny_checkpoint, tiny_val, tmp_path):
+    bench = load_script("benchmarks/peers.py")
+    args = _peer_args(bench, tiny_checkpoint, tiny_val, tmp_path, "--no-ours", "--peers", "nncf-ptq",
+                      "modelopt-max-conv", "auto-quantize", "--auto-quantize-bits", "16")
+    bench.main(args)
+    rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
+    val = CocoDetection(tiny_val["json"], tiny_val["images"], img_size=SIZE)
+    for name in ("NNCF quantize (defaults)", "ModelOpt ONNX PTQ max (Conv only)"):
+        truth = evaluate(OnnxRuntimeRunner(rows[name]["onnx"], optimization="basic"), val, 4, 0, progress=False)
+        assert rows[name]["mAP50_95"] == round(truth["mAP50_95"], 4), name
+        assert rows[name]["int8_layers"] == qdq_summary(onnx.load(rows[name]["onnx"]))["quantized_conv"] > 0
+    floating = rows["ModelOpt auto_quantize (16.00 effective bits)"]  # 16 bits: nothing needs quantizing
+    assert floating["int8_layers"] == 0 and floating["mAP50_95"] == rows[bench.FLOAT_TORCH]["mAP50_95"]
+    assert "ModelOpt auto_quantize (8.00 effective bits = ours' INT8 fraction)" not in rows  # --no-ours
+    written = (tmp_path / "out" / "nncf_ptq.onnx").stat().st_mtime_ns
+    bench.main(args)  # a rerun reuses the finished rows
+    assert (tmp_path / "out" / "nncf_ptq.onnx").stat().st_mtime_ns == written
