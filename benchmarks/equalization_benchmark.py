@@ -24,7 +24,7 @@ for _path in (_REPO_ROOT, _REPO_ROOT / "benchmarks"):
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
-from real_coco_benchmark import add_real_set_arguments, check_real_sets, start_run  # noqa: E402
+from real_coco_benchmark import add_output_arguments, add_real_set_arguments, check_real_sets, start_run  # noqa: E402
 
 from models import load_model  # noqa: E402
 from utils.cli import ArgumentParser, args_dict, positive_int, run_cli, write_json  # noqa: E402
@@ -67,11 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help=f"grid rows to run ({'; '.join(GRID)})")
     run.add_argument("--entropy-stride", type=positive_int, default=4, metavar="K",
                      help="auto calibration's entropy candidate: every K-th bin")
-    run.add_argument("--output-dir", default="runs/equalization_benchmark", metavar="DIR",
-                     help="finished rows (rerun to resume)")
-    run.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON here")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--verbose", action="store_true", help="debug logging")
+    add_output_arguments(run, "runs/equalization_benchmark", "finished rows")
     return parser
 
 

@@ -60,6 +60,7 @@ PEER_ROWS = {"nncf-ptq": "nncf", "nncf-ac": "nncf", "modelopt-max": "modelopt-on
              "modelopt-entropy": "modelopt-onnx", "modelopt-max-conv": "modelopt-onnx",
              "modelopt-entropy-conv": "modelopt-onnx", "auto-quantize": "modelopt-torch"}
 FLOAT_ONNX, FLOAT_TORCH = "float FP32 ONNX (ORT)", "float (PyTorch)"
+OURS_FULL, OURS_SEARCH = "ours full INT8 (p99.99 + eq depthwise + bias corr.)", "ours: search"  # ours' best rows
 OURS_RECIPE = ["--calibrators", "percentile-99.99", "--partial-calibrator", "percentile-99.99", "--method-calibrator",
                "percentile-99.99", "--equalize", "depthwise", "--bias-correction", "--ours-from", "eq", "--no-seed",
                "--no-qat", "--no-proxy-quality"]
@@ -74,25 +75,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-ours", action="store_true", help="skip our rows (calibration, search and its ONNX)")
     run.add_argument("--target-drop", type=float, default=0.005, metavar="D",
                      help="the search budget of ours and of NNCF's accuracy control (mAP50:95 drop on the train set)")
-    run.add_argument("--nncf-ranking-images", type=positive_int, default=None, metavar="N",
-                     help="NNCF accuracy control's ranking subset (its ranking_subset_size; default NNCF's: as many as "
-                          "--calib-images). It ranks by one-image mAPs, one per image per quantizer group: this sets "
-                          "most of its time")
-    run.add_argument("--auto-quantize-bits", nargs="*", type=float, default=[9.0], metavar="B",
+    run.add_argument("--nncf-ranking-images", type=positive_int, default=32, metavar="N",
+                     help="NNCF accuracy control's ranking subset (its ranking_subset_size). It ranks by one-image "
+                          "mAPs, one per image per quantizer group, and ranks again after a revert that made things "
+                          "worse: NNCF's own default (as many as --calib-images, 128) took 17 min per ranking on 2 "
+                          "cores and did not fit an hour; 32 finished in 22 min (default: 32)")
+    run.add_argument("--auto-quantize-bits", nargs="*", type=float, default=[8.25, 8.5, 9.0], metavar="B",
                      help="auto_quantize rows at these effective bits too (8: all INT8; 16: all float), beside the "
                           "one at ours' INT8 fraction")
-    run.add_argument("--output-dir", default="runs/peers", metavar="DIR",
-                     help="exported models, predictions and finished rows (rerun to resume)")
-    run.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON here")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--verbose", action="store_true", help="debug logging")
+    rcb.add_output_arguments(run, "runs/peers", "exported models, predictions and finished rows")
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     rcb.check_real_sets(args)
-    if not 0 <= args.target_drop <= 1:
-        raise InputError(f"--target-drop must be between 0 and 1 (mAP is a fraction), got {args.target_drop}")
+    rcb.check_target_drop(args)
     bad = [b for b in args.auto_quantize_bits if not 8 <= b <= peers.FLOAT_BITS]
     if bad:
         raise InputError(f"--auto-quantize-bits must be between 8 (all INT8) and {peers.FLOAT_BITS} (all float), "
@@ -188,13 +185,17 @@ def our_rows(args: argparse.Namespace, table: Table, val: CocoDetection, out: Pa
     rcb.check_args(ns)
     full = rcb.full_int8_rows(ns, val, device, folder)  # evaluated on the square val canvases, like every row
     eq_name = f"int8 percentile-99.99 + {rcb.eq_label(ns)}"
-    for name, label in (("int8 percentile-99.99", "ours full INT8 (p99.99)"),
-                        (eq_name, "ours full INT8 (p99.99 + eq depthwise + bias corr.)")):
+    labels = {"int8 percentile-99.99": "ours full INT8 (p99.99)",
+              eq_name: OURS_FULL}
+    for name, label in labels.items():
         row = full[name]
         table.run(label, lambda row=row: {"runtime": "pytorch", "mAP50_95": row["mAP50_95"], "mAP50": row["mAP50"],
                                           "predictions": row["predictions"], "int8_layers": None,
-                                          "seconds": row["calibration_s"]})
+                                          "seconds": row["calibration_s"],
+                                          "eval_s": round(row["seconds"] - row["calibration_s"], 1)})
     searched, partial = rcb.our_rows(ns, folder, full, eq=True)
+    for label in labels.values():  # full INT8: every conv the search could quantize
+        table.rows[label].update(int8_layers=partial["total_layers"], total_layers=partial["total_layers"])
     search_row = next(iter(searched.values()))
 
     def build_onnx() -> dict[str, Any]:
@@ -205,7 +206,7 @@ def our_rows(args: argparse.Namespace, table: Table, val: CocoDetection, out: Pa
         return {**onnx_row(args, path, val, out, seconds, path), "verified": record["verified"],
                 "search_drop": search_row["search_drop"]}
 
-    table.run(f"ours: search (drop {args.target_drop} on train) Q/DQ ONNX", build_onnx)
+    table.run(f"{OURS_SEARCH} (drop {args.target_drop} on train) Q/DQ ONNX", build_onnx)
     return partial
 
 
@@ -258,7 +259,7 @@ def auto_quantize_rows(args: argparse.Namespace, table: Table, model: torch.nn.M
     head = model.detect
     loss = DetectionLoss(head.nc, head.stride, head.reg_max, head.use_dfl)
     targets = [] if ours is None else [(peers.effective_bits(model, ours["float_layers"]), " = ours' INT8 fraction")]
-    targets += [(bits, "") for bits in args.auto_quantize_bits]
+    targets = sorted(targets + [(bits, "") for bits in args.auto_quantize_bits])
     for bits, note in targets:
         def build(bits: float = bits) -> dict[str, Any]:
             start = time.perf_counter()
@@ -273,25 +274,39 @@ def auto_quantize_rows(args: argparse.Namespace, table: Table, model: torch.nn.M
 
 
 def add_drop_intervals(rows: dict[str, dict[str, Any]], val: CocoDetection, seed: int = 0) -> None:
-    """Each row's drop from the float model on its own runtime, with the 95 % paired-bootstrap interval."""
+    """Each row's drop from the float model on its own runtime, and each peer row's mAP below ours on the same
+    runtime (``ours_minus_it``: positive, ours is ahead), each with its 95 % paired-bootstrap interval over the val
+    images: a difference inside its noise is not a result."""
     references = {FLOAT_ONNX: "onnxruntime", FLOAT_TORCH: "pytorch"}
-    matches = {runtime: evaluate_predictions(rows[name]["predictions"], val)["matches"]
-               for name, runtime in references.items() if name in rows}
+    matches = {name: evaluate_predictions(row["predictions"], val)["matches"] for name, row in rows.items()
+               if Path(row.get("predictions") or "-").is_file()}
+    floats = {runtime: name for name, runtime in references.items() if name in matches}
+    ours = {row["runtime"]: name for name, row in rows.items()
+            if (name == OURS_FULL or name.startswith(OURS_SEARCH)) and name in matches}
     for name, row in rows.items():
-        if name not in references and row.get("runtime") in matches:
-            ours = evaluate_predictions(row["predictions"], val)["matches"]
-            row["drop_interval"] = rounded_drop(paired_bootstrap(matches[row["runtime"]], ours, seed=seed))
-            row["reference"] = next(r for r, runtime in references.items() if runtime == row["runtime"])
+        runtime = row.get("runtime")
+        if name in references or name not in matches:
+            continue
+        if runtime in floats:
+            row["drop_interval"] = rounded_drop(paired_bootstrap(matches[floats[runtime]], matches[name], seed=seed))
+            row["reference"] = floats[runtime]
+        if runtime in ours and not name.startswith("ours"):
+            row["ours_minus_it"] = rounded_drop(paired_bootstrap(matches[ours[runtime]], matches[name], seed=seed))
+            row["ours_row"] = ours[runtime]
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'model':<66} {'runtime':<11} {'mAP50:95':>8} {'drop [95 % interval]':>26} {'INT8 convs':>10} "
-             f"{'wall s':>7}"]
+             f"{'wall s':>7} {'ours minus it [95 %]':>26}"]
     for name, r in rows.items():
         int8 = f"{r['int8_layers']}/{r['total_layers']}" if r.get("int8_layers") is not None else "all"
         drop = format_drop(r["drop_interval"]) if "drop_interval" in r else "-"
         lines.append(f"{name:<66} {r['runtime']:<11} {r['mAP50_95']:>8.4f} {drop:>26} "
-                     f"{'-' if name in (FLOAT_ONNX, FLOAT_TORCH) else int8:>10} {r.get('seconds', 0.0):>7.0f}")
+                     f"{'-' if name in (FLOAT_ONNX, FLOAT_TORCH) else int8:>10} {r.get('seconds') or 0.0:>7.0f} "
+                     f"{format_drop(r['ours_minus_it']) if 'ours_minus_it' in r else '-':>26}")
+    total = sum((r.get("seconds") or 0.0) + (r.get("eval_s") or 0.0) for r in rows.values())
+    lines.append(f"wall s: each tool's own time (calibration, search, export); all rows with their evaluations: "
+                 f"{total / 60:.1f} min")
     return "\n".join(lines)
 
 

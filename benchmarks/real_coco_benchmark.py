@@ -132,6 +132,19 @@ def check_real_sets(args: argparse.Namespace) -> None:
                          "are no default real sets")
 
 
+def add_output_arguments(group: argparse._ArgumentGroup, default_dir: str, what: str) -> None:
+    """--output-dir (``what`` it keeps; rerun to resume), --json, --no-progress and --verbose of a benchmark."""
+    group.add_argument("--output-dir", default=default_dir, metavar="DIR", help=f"{what} (rerun to resume)")
+    group.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON here")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def check_target_drop(args: argparse.Namespace) -> None:
+    if not 0 <= args.target_drop <= 1:
+        raise InputError(f"--target-drop must be between 0 and 1 (mAP is a fraction), got {args.target_drop}")
+
+
 def start_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
     """The device and the (created) output folder of a benchmark run, seeded so that runs repeat."""
     device = resolve_device(args.device)
@@ -189,18 +202,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
                      help="rank only these layers (globs; default: all): for quick checks")
     run.add_argument("--no-onnx", action="store_true", help="skip the Q/DQ ONNX export and its evaluation")
-    run.add_argument("--output-dir", default="runs/real_benchmark", metavar="DIR",
-                     help="calibrations, ranking progress, partial model and ONNX (rerun to resume)")
-    run.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON here")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--verbose", action="store_true", help="debug logging")
+    add_output_arguments(run, "runs/real_benchmark", "calibrations, ranking progress, partial model and ONNX")
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     check_real_sets(args)
-    if not 0 <= args.target_drop <= 1:
-        raise InputError(f"--target-drop must be between 0 and 1 (mAP is a fraction), got {args.target_drop}")
+    check_target_drop(args)
     equalized(args)  # bad --equalize-alpha / --equalize-percentile: one line before anything runs
 
 

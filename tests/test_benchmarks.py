@@ -251,6 +251,14 @@ def test_peers_benchmark_names_each_missing_peer_and_runs_the_rest(tiny_checkpoi
     assert rows[ours]["drop_interval"]["drop"] == round(rows[bench.FLOAT_ONNX]["mAP50_95"] - rows[ours]["mAP50_95"], 4)
     assert rows[ours]["reference"] == bench.FLOAT_ONNX
     assert rows["ours full INT8 (p99.99)"]["reference"] == bench.FLOAT_TORCH
+    # a peer row is also compared with ours on its runtime: a "peer" that is the float ONNX itself has no drop, and
+    # ours is below it by exactly ours' drop
+    rows["a peer"] = {"runtime": "onnxruntime", "predictions": rows[bench.FLOAT_ONNX]["predictions"]}
+    bench.add_drop_intervals(rows, val)
+    assert rows["a peer"]["drop_interval"]["drop"] == 0 and rows["a peer"]["ours_row"] == ours
+    assert rows["a peer"]["ours_minus_it"]["drop"] == round(rows[ours]["mAP50_95"] - rows[bench.FLOAT_ONNX]["mAP50_95"],
+                                                            4)
+    assert "ours_minus_it" not in rows[ours]
 
 
 def test_peers_benchmark_rejects_impossible_bits(tiny_checkpoint, tiny_val, tmp_path, capsys):
@@ -271,12 +279,13 @@ def _peers_missing() -> dict:
                                                    "requirements-peers.txt)")
 def test_peers_benchmark_rows_are_their_models_numbers(tiny_checkpoint, tiny_val, tmp_path):
     bench = load_script("benchmarks/peers.py")
-    args = _peer_args(bench, tiny_checkpoint, tiny_val, tmp_path, "--no-ours", "--peers", "nncf-ptq",
+    args = _peer_args(bench, tiny_checkpoint, tiny_val, tmp_path, "--no-ours", "--peers", "nncf-ptq", "nncf-ac",
                       "modelopt-max-conv", "auto-quantize", "--auto-quantize-bits", "16")
     bench.main(args)
     rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
     val = CocoDetection(tiny_val["json"], tiny_val["images"], img_size=SIZE)
-    for name in ("NNCF quantize (defaults)", "ModelOpt ONNX PTQ max (Conv only)"):
+    for name in ("NNCF quantize (defaults)", "NNCF accuracy control (max drop 1.0 on train)",
+                 "ModelOpt ONNX PTQ max (Conv only)"):
         truth = evaluate(OnnxRuntimeRunner(rows[name]["onnx"], optimization="basic"), val, 4, 0, progress=False)
         assert rows[name]["mAP50_95"] == round(truth["mAP50_95"], 4), name
         assert rows[name]["int8_layers"] == qdq_summary(onnx.load(rows[name]["onnx"]))["quantized_conv"] > 0
