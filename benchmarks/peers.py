@@ -47,7 +47,7 @@ from utils.deploy.onnx_export import export_verified, verification_batch  # noqa
 from utils.deploy.onnx_graph import qdq_summary  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.fileio import ensure_folder  # noqa: E402
-from utils.inference.bootstrap import format_drop, paired_bootstrap, rounded_drop  # noqa: E402
+from utils.inference.bootstrap import DropBootstrap, format_drop, rounded_drop  # noqa: E402
 from utils.inference.evaluate import evaluate, evaluate_predictions  # noqa: E402
 from utils.inference.runners import OnnxRuntimeRunner, Runner, TorchRunner, class_names_of  # noqa: E402
 from utils.quant import peers  # noqa: E402
@@ -266,7 +266,7 @@ def auto_quantize_rows(args: argparse.Namespace, table: Table, model: torch.nn.M
             quantized, counts = peers.modelopt_auto_quantize(model, batches, bits, loss)
             seconds = time.perf_counter() - start
             name = f"auto_quantize_{bits:.2f}".replace(".", "_")
-            return {**counts, "float_layers": counts["float_layers"], "runtime": "pytorch",
+            return {**counts, "runtime": "pytorch",
                     "effective_bits": round(bits, 3), "seconds": round(seconds, 1),
                     **measure(args, TorchRunner(quantized.to(device), device), val, out / f"{name}.json")}
 
@@ -283,15 +283,17 @@ def add_drop_intervals(rows: dict[str, dict[str, Any]], val: CocoDetection, seed
     floats = {runtime: name for name, runtime in references.items() if name in matches}
     ours = {row["runtime"]: name for name, row in rows.items()
             if (name == OURS_FULL or name.startswith(OURS_SEARCH)) and name in matches}
+    # one bootstrap per reference: its resamples are drawn once and reused by every row compared with it
+    boots = {name: DropBootstrap(matches[name], seed=seed) for name in {*floats.values(), *ours.values()}}
     for name, row in rows.items():
         runtime = row.get("runtime")
         if name in references or name not in matches:
             continue
         if runtime in floats:
-            row["drop_interval"] = rounded_drop(paired_bootstrap(matches[floats[runtime]], matches[name], seed=seed))
+            row["drop_interval"] = rounded_drop(boots[floats[runtime]].compare(matches[name]))
             row["reference"] = floats[runtime]
         if runtime in ours and not name.startswith("ours"):
-            row["ours_minus_it"] = rounded_drop(paired_bootstrap(matches[ours[runtime]], matches[name], seed=seed))
+            row["ours_minus_it"] = rounded_drop(boots[ours[runtime]].compare(matches[name]))
             row["ours_row"] = ours[runtime]
 
 

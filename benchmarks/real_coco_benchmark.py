@@ -69,7 +69,7 @@ from utils.deploy.onnx_export import export_verified, verification_batch  # noqa
 from utils.errors import InputError  # noqa: E402
 from utils.fallback.measure import DEFAULT_STOP, STOP_RULES  # noqa: E402
 from utils.fileio import ensure_folder  # noqa: E402
-from utils.inference.bootstrap import format_drop, paired_bootstrap, rounded_drop  # noqa: E402
+from utils.inference.bootstrap import DropBootstrap, format_drop, rounded_drop  # noqa: E402
 from utils.inference.evaluate import evaluate, evaluate_predictions  # noqa: E402
 from utils.inference.runners import OnnxRuntimeRunner, TorchRunner  # noqa: E402
 from utils.quant import calibration  # noqa: E402
@@ -604,12 +604,12 @@ def add_drop_intervals(rows: dict[str, dict[str, Any]], sets: dict[str, CocoDete
     for letterbox, dataset in sets.items():
         path = rows.get(float_row(letterbox, sets), {}).get("predictions")
         if path and Path(path).is_file():
-            references[letterbox] = evaluate_predictions(path, dataset)["matches"]
+            references[letterbox] = DropBootstrap(evaluate_predictions(path, dataset)["matches"])
     for name, row in rows.items():
         letterbox = row.get("letterbox", next(iter(sets)))
         if not name.startswith("float") and letterbox in references and Path(row.get("predictions") or "-").is_file():
             matches = evaluate_predictions(row["predictions"], sets[letterbox])["matches"]
-            row["drop_interval"] = rounded_drop(paired_bootstrap(references[letterbox], matches))
+            row["drop_interval"] = rounded_drop(references[letterbox].compare(matches))
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from utils.data.coco import CocoDetection, create_dataloader, scale_boxes_to_original
@@ -59,6 +60,21 @@ def class_categories(num_classes: int, dataset: CocoDetection,
     return list(dataset.cat_ids)
 
 
+def add_batch_detections(evaluator: CocoEvaluator, predictions: torch.Tensor, batch: Mapping[str, Any],
+                         conf: float = 0.03, iou: float = 0.65, max_det: int = 300) -> int:
+    """A collated batch's raw predictions -> YOLOv6's NMS -> boxes in original image pixels -> ``evaluator``;
+    unreadable images (ok False) are left out. Returns how many images were scored."""
+    scored = 0
+    for i, det in enumerate(non_max_suppression(predictions, conf_thres=conf, iou_thres=iou, max_det=max_det)):
+        if not batch["ok"][i]:
+            continue
+        det = det.clone()
+        det[:, :4] = scale_boxes_to_original(det[:, :4], batch["ratio"][i], batch["pad"][i], batch["orig_hw"][i])
+        evaluator.update(int(batch["image_id"][i]), det)
+        scored += 1
+    return scored
+
+
 def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, workers: int = 2, conf: float = 0.03,
              iou: float = 0.65, max_det: int = 300, progress: bool = True,
              save_json: str | Path | None = None,
@@ -86,15 +102,9 @@ def evaluate(runner: Runner, dataset: CocoDetection, batch_size: int = 8, worker
         predictions = runner(batch["image"])
         if evaluator is None:
             evaluator = CocoEvaluator(dataset.coco, class_categories(predictions.shape[-1] - 5, dataset, names))
-        detections = non_max_suppression(predictions, conf_thres=conf, iou_thres=iou, max_det=max_det)
-        for i, det in enumerate(detections):
-            if not batch["ok"][i]:
-                unreadable += 1
-                continue
-            det = det.clone()
-            det[:, :4] = scale_boxes_to_original(det[:, :4], batch["ratio"][i], batch["pad"][i], batch["orig_hw"][i])
-            evaluator.update(int(batch["image_id"][i]), det)
-            images += 1
+        scored = add_batch_detections(evaluator, predictions, batch, conf, iou, max_det)
+        images += scored
+        unreadable += len(batch["ok"]) - scored
     seconds = time.perf_counter() - start
     if unreadable:
         _logger.warning("%d of %d images could not be read and were left out of the metrics (see warnings above)",

@@ -77,13 +77,15 @@ ORT_LEVELS = ("basic", "all")
 class OnnxRuntimeRunner:
     """Runs an ONNX model on ONNX Runtime (CPU, or CUDA where the GPU build is installed)."""
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", optimization: str = "all"):
+    def __init__(self, path: str | Path | bytes, device: torch.device | str = "cpu", optimization: str = "all"):
+        """``path``: an ONNX file, or a serialized model (``ModelProto.SerializeToString()``)."""
         import onnxruntime as ort  # lazy: only ONNX users pay the import
 
         if optimization not in ORT_LEVELS:
             raise InputError(f"unknown ONNX Runtime optimisation level {optimization!r}; choose one of "
                              f"{', '.join(ORT_LEVELS)}")
-        path = Path(path)
+        source = path if isinstance(path, bytes) else str(Path(path))
+        path = "the in-memory ONNX model" if isinstance(path, bytes) else Path(path)
         providers = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -92,7 +94,7 @@ class OnnxRuntimeRunner:
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimization == "basic"
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for any bad model file
             raise InputError(f"{path} could not be loaded by ONNX Runtime ({str(exc).splitlines()[0][:200]}); "
                              "check that it is a complete ONNX model") from None

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from utils.data.calibration import calibration_loader
-from utils.data.coco import CocoDetection, readable_images, scale_boxes_to_original
+from utils.data.coco import CocoDetection, collate_detection, readable_images
 from utils.errors import InputError
 from utils.inference.coco_eval import CocoEvaluator
-from utils.inference.evaluate import class_categories
+from utils.inference.evaluate import add_batch_detections, class_categories
 from utils.inference.postprocess import non_max_suppression
+from utils.inference.runners import OnnxRuntimeRunner
 
 _logger = logging.getLogger(__name__)
 
@@ -49,9 +50,7 @@ def missing_peers(peers: Iterable[str] = PEER_MODULES) -> dict[str, str]:
 
 def calibration_images(folder: str | Path, img_size: int, count: int, workers: int = 2) -> np.ndarray:
     """The first ``count`` readable images of ``folder`` as our calibration reads them: [N, 3, S, S] float32."""
-    batches = [readable_images(b) for b in calibration_loader(folder, img_size, min(count, 32),
-                                                               -(-count // min(count, 32)), workers)]
-    images = torch.cat(batches)[:count]
+    images = torch.cat([readable_images(b) for b in calibration_loader(folder, img_size, count, 1, workers)])
     if not len(images):
         raise InputError(f"none of the first {count} images in {folder} could be read: check the folder")
     return images.numpy().astype(np.float32)
@@ -93,7 +92,7 @@ class OnnxMapValidation:
         self.dataset, self.class_names, self.batch_size = dataset, class_names, batch_size
         self.conf, self.iou = conf, iou
         self._items: dict[int, dict[str, Any]] = {}
-        self._session: tuple[Any, Any] | None = None  # (model, its session): the model object is kept alive
+        self._session: tuple[Any, OnnxRuntimeRunner] | None = None  # (model, its runner): the model is kept alive
         self.calls = 0
 
     def indices(self) -> list[int]:
@@ -105,35 +104,22 @@ class OnnxMapValidation:
             self._items[index] = self.dataset[index]
         return self._items[index]
 
-    def _run(self, model: Any) -> Callable[[np.ndarray], np.ndarray]:
-        import onnxruntime as ort
-
+    def _runner(self, model: Any) -> OnnxRuntimeRunner:
         if self._session is None or self._session[0] is not model:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                           providers=["CPUExecutionProvider"])
-            self._session = (model, session)
-        session, name = self._session[1], onnx_input_name(model)
-        return lambda x: session.run(None, {name: x})[0]
+            self._session = (model, OnnxRuntimeRunner(model.SerializeToString(), optimization="all"))
+        return self._session[1]
 
     def __call__(self, model: Any, items: Iterable[int]) -> tuple[float, None]:
         self.calls += 1
-        run, items = self._run(model), [self.item(int(i)) for i in items]
+        runner, items = self._runner(model), [self.item(int(i)) for i in items]
         evaluator = None
         for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            outputs = run(np.stack([item["image"].numpy() for item in chunk]))
+            batch = collate_detection(items[start:start + self.batch_size])
+            outputs = runner(batch["image"])
             if evaluator is None:
                 evaluator = CocoEvaluator(self.dataset.coco, class_categories(outputs.shape[-1] - 5, self.dataset,
                                                                               self.class_names))
-            detections = non_max_suppression(torch.from_numpy(outputs).float(), conf_thres=self.conf,
-                                             iou_thres=self.iou)
-            for item, det in zip(chunk, detections):
-                if item["ok"]:  # an unreadable image is left out of the metric, as in evaluate()
-                    det = det.clone()
-                    det[:, :4] = scale_boxes_to_original(det[:, :4], item["ratio"], item["pad"], item["orig_hw"])
-                    evaluator.update(int(item["image_id"]), det)
+            add_batch_detections(evaluator, outputs, batch, self.conf, self.iou)
         metric = 0.0 if evaluator is None or not evaluator.image_ids else float(evaluator.summarize()["mAP50_95"])
         return metric, None
 
